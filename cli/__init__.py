@@ -1,0 +1,1 @@
+"""adapterkit.cli: the click command line, one module per command group."""

@@ -1,0 +1,1 @@
+"""adapterkit.core: manifest, tensor layout, plugin registry, errors and safe I/O."""

@@ -1,0 +1,226 @@
+"""Plugin loading: a pluggy manager factory and the registry of methods and formats.
+
+Built-in plugins and third-party ones load the same way, through the
+``adapterkit`` entry-point group. A plugin that fails to import, has a
+misspelled hook, raises inside a hook or registers something invalid is
+recorded (name, distribution, error) and skipped; the rest keep working.
+
+``ADAPTERKIT_PLUGINS`` (comma-separated entry-point names) limits which
+plugins load; unset means all, an empty value means none.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .formats import Format
+from .method import Method
+
+ENTRY_POINT_GROUP = "adapterkit"
+ENV_VAR = "ADAPTERKIT_PLUGINS"
+
+
+@dataclass
+class PluginInfo:
+    """What ``adapterkit plugins`` reports about one plugin."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "distribution": self.distribution, "version": self.version, "module": self.module,
+            "hooks": self.hooks, "methods": self.methods, "formats": self.formats, "errors": self.errors,
+        }
+
+
+def allowed_plugins(env: dict[str, str] | None = None) -> set[str] | None:
+    value = (os.environ if env is None else env).get(ENV_VAR)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    seen: dict[str, metadata.EntryPoint] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        seen.setdefault(ep.name, ep)
+    own = [ep for ep in seen.values() if ep.dist is not None and ep.dist.name == "adapterkit"]
+    others = sorted((ep for ep in seen.values() if ep not in own), key=lambda ep: ep.name)
+    return sorted(own, key=lambda ep: ep.name) + others
+
+
+def _error_text(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def get_plugin_manager(
+    plugins: Iterable[tuple[str, object]] = (),
+    load_entrypoints: bool = True,
+    only: set[str] | None = None,
+) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
+    """A fresh plugin manager with the specs added and plugins registered.
+
+    :param plugins: extra ``(name, plugin object)`` pairs, registered after entry points
+        (tests use this for throwaway plugins).
+    :param load_entrypoints: load the ``adapterkit`` entry-point group.
+    :param only: plugin names to load; defaults to ``ADAPTERKIT_PLUGINS``.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    only = allowed_plugins() if only is None else only
+    infos: dict[str, PluginInfo] = {}
+    candidates: list[tuple[str, Callable[[], object], PluginInfo]] = []
+    if load_entrypoints:
+        for ep in _entry_points():
+            dist = ep.dist
+            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, ep.value)
+            candidates.append((ep.name, ep.load, info))
+    for name, obj in plugins:
+        candidates.append((name, lambda obj=obj: obj, PluginInfo(name, module=getattr(obj, "__name__", repr(obj)))))
+    for name, load, info in candidates:
+        if only is not None and name not in only:
+            continue
+        infos[name] = info
+        try:
+            plugin = load()
+        except Exception as exc:  # a broken plugin must not break the others
+            info.errors.append(f"failed to import: {_error_text(exc)}")
+            continue
+        api = getattr(plugin, "ADAPTERKIT_PLUGIN_API", hookspecs.PLUGIN_API_VERSION)
+        if str(api) != hookspecs.PLUGIN_API_VERSION:
+            info.errors.append(
+                f"targets plugin API {api}, this adapterkit provides {hookspecs.PLUGIN_API_VERSION}; "
+                "upgrade the plugin or adapterkit"
+            )
+            continue
+        try:
+            pm.register(plugin, name=name)
+            pm.check_pending()
+        except Exception as exc:
+            if pm.is_registered(plugin):
+                pm.unregister(plugin)
+            info.errors.append(f"invalid hooks: {exc}")
+            continue
+        info.hooks = sorted(
+            impl_name for impl_name in dir(plugin) if impl_name.startswith("adapterkit_") and callable(getattr(plugin, impl_name))
+        )
+    return pm, infos
+
+
+class Registry:
+    """The methods and formats the loaded plugins registered."""
+
+    def __init__(self, pm: pluggy.PluginManager, infos: dict[str, PluginInfo]):
+        self.pm = pm
+        self.plugins = infos
+        self.methods: dict[str, Method] = {}
+        self.formats: dict[str, Format] = {}
+        self._owner: dict[tuple[str, str], str] = {}
+        self._collect("adapterkit_register_methods", Method, self.methods, "methods")
+        self._collect("adapterkit_register_formats", Format, self.formats, "formats")
+
+    def _collect(self, hook_name: str, kind: type, table: dict[str, Any], attr: str) -> None:
+        label = kind.__name__
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):  # registration order
+            plugin = impl.plugin_name
+            info = self.plugins.setdefault(plugin, PluginInfo(plugin))
+            received: list[Any] = []
+
+            def register(obj: Any, _received: list[Any] = received) -> None:
+                _received.append(obj)
+
+            try:
+                _call(impl, register=register)
+            except Exception as exc:
+                info.errors.append(f"{hook_name} raised {_error_text(exc)}")
+                continue
+            for obj in received:
+                problem = self._check(obj, kind, label, table)
+                if problem:
+                    info.errors.append(problem)
+                    continue
+                table[obj.name] = obj
+                self._owner[(attr, obj.name)] = plugin
+                getattr(info, attr).append(obj.name)
+
+    def _check(self, obj: Any, kind: type, label: str, table: dict[str, Any]) -> str | None:
+        if not isinstance(obj, kind):
+            return f"registered {type(obj).__name__}, expected an adapterkit.{label} instance"
+        if not isinstance(obj.name, str) or not obj.name:
+            return f"registered a {label} without a name"
+        if str(obj.api_version) != hookspecs.PLUGIN_API_VERSION:
+            return (
+                f"{label} {obj.name!r} targets plugin API {obj.api_version}, "
+                f"this adapterkit provides {hookspecs.PLUGIN_API_VERSION}"
+            )
+        if obj.name in table:
+            attr = "methods" if kind is Method else "formats"
+            return f"{label} {obj.name!r} is already registered by plugin {self._owner[(attr, obj.name)]!r}; skipped"
+        return None
+
+    @property
+    def failures(self) -> list[PluginInfo]:
+        return [info for info in self.plugins.values() if not info.ok]
+
+    def method(self, name: str) -> Method:
+        try:
+            return self.methods[name]
+        except KeyError:
+            raise PluginError(
+                f"unknown method {name!r}", expected=sorted(self.methods), found=name,
+                hint="install the plugin that provides it (adapterkit plugins lists what is loaded)",
+                code="unknown_method",
+            ) from None
+
+    def format(self, name: str) -> Format:
+        try:
+            return self.formats[name]
+        except KeyError:
+            raise PluginError(
+                f"unknown format {name!r}", expected=sorted(self.formats), found=name,
+                hint="adapterkit plugins lists the formats of the loaded plugins", code="unknown_format",
+            ) from None
+
+    def register_commands(self, cli: Any) -> None:
+        """Let plugins add CLI commands; a plugin that fails is recorded and skipped."""
+        for impl in reversed(self.pm.hook.adapterkit_register_commands.get_hookimpls()):
+            try:
+                _call(impl, cli=cli)
+            except Exception as exc:
+                self.plugins.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name)).errors.append(
+                    f"adapterkit_register_commands raised {_error_text(exc)}"
+                )
+
+
+def _call(impl: Any, **kwargs: Any) -> Any:
+    """Call one hook implementation with the arguments it asks for (pluggy's rule)."""
+    return impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+
+
+@functools.cache
+def default_registry() -> Registry:
+    """The process-wide registry of installed plugins (built once, on first use)."""
+    return Registry(*get_plugin_manager())

@@ -1,0 +1,201 @@
+"""The torch side of the public API: inject a method into a model, apply a saved adapter.
+
+This module imports torch; the rest of the core does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .adapter import Adapter
+from .base_model import targets_fingerprint
+from .errors import UsageError
+from .manifest import Manifest
+from .method import Method
+from .plugins import Registry, default_registry
+from .torch_bridge import dtype_name, to_numpy, to_torch
+
+ATTACHED = "adapterkit_adapters"
+
+
+@dataclass
+class InjectedAdapter:
+    """One adapter living in a model: its parameters, merge state and manifest data."""
+
+    model: torch.nn.Module
+    method: Method
+    config: dict[str, Any]
+    targets: dict[str, dict[str, Any]]
+    name: str = "default"
+    merged: bool = False
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters to train."""
+        return self.method.trainable_parameters(self.model, self.name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors under canonical keys."""
+        return self.method.extract_state(self.model, self.name)
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.method.load_state(self.model, tensors, self.name)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self.method.merge(self.model, self.name)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.method.unmerge(self.model, self.name)
+            self.merged = False
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside this block."""
+        self.method.set_enabled(self.model, False)
+        try:
+            yield
+        finally:
+            self.method.set_enabled(self.model, True)
+
+    def to_adapter(
+        self,
+        *,
+        dtype: str | None = None,
+        task: str | None = None,
+        base_name: str | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        annotations: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        """Snapshot the adapter as an :class:`Adapter` ready to save."""
+        tensors = self.state_dict()
+        dtype = dtype or dtype_name(next(iter(tensors.values())).dtype)
+        arrays = {k: to_numpy(v.to(_torch_dtype(dtype)) if v.is_floating_point() else v) for k, v in tensors.items()}
+        manifest = Manifest(
+            method=self.method.name,
+            method_version=self.method.version,
+            config=self.method.minimal_config(self.config),
+            targets=self.targets,
+            dtype=dtype,
+            base_model=base_model_fields(self.model, self.targets, base_name),
+            task=task or guess_task(self.model),
+            provenance={"created_by": _created_by(), **(provenance or {})},
+            annotations=dict(annotations or {}),
+        )
+        return Adapter(manifest, arrays)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from .torch_bridge import torch_dtype
+
+    return torch_dtype(name)
+
+
+def _created_by() -> str:
+    import adapterkit
+
+    return f"adapterkit {adapterkit.__version__}"
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def base_model_fields(model: torch.nn.Module, targets: Mapping[str, Mapping[str, Any]], name: str | None) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    fields: dict[str, Any] = {"fingerprint": targets_fingerprint(targets)}
+    if config is not None:
+        archs = getattr(config, "architectures", None) or [type(model).__name__]
+        fields["model_type"] = getattr(config, "model_type", None)
+        fields["architecture"] = archs[0]
+        fields["name"] = name or getattr(config, "name_or_path", None) or None
+    elif name:
+        fields["name"] = name
+    fields["num_parameters"] = base_parameter_count(model)
+    return {k: v for k, v in fields.items() if v}
+
+
+def base_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the base alone (adapter parameters excluded), counted once each."""
+    adapter_ids = set()
+    for injected in getattr(model, ATTACHED, {}).values():
+        adapter_ids.update(id(p) for p in injected.method.trainable_parameters(model, injected.name))
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if id(param) in seen or id(param) in adapter_ids:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+    return total
+
+
+def guess_task(model: torch.nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "sequence-classification"),
+        ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
+        ("ForConditionalGeneration", "seq2seq-lm"), ("Model", "feature-extraction"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def attached(model: torch.nn.Module) -> dict[str, InjectedAdapter]:
+    """The adapters injected into ``model``, by name."""
+    return getattr(model, ATTACHED, {})
+
+
+def _attach(model: torch.nn.Module, injected: InjectedAdapter) -> None:
+    table = getattr(model, ATTACHED, None)
+    if table is None:
+        table = {}
+        object.__setattr__(model, ATTACHED, table)
+    if injected.name in table:
+        raise UsageError(f"an adapter named {injected.name!r} is already injected", hint="choose another name")
+    table[injected.name] = injected
+
+
+def inject(
+    model: torch.nn.Module,
+    method: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    name: str = "default",
+    registry: Registry | None = None,
+    **options: Any,
+) -> InjectedAdapter:
+    """Add a new, trainable adapter of ``method`` to ``model``.
+
+    ``config`` and keyword ``options`` are merged (options win), e.g.
+    ``inject(model, "lora", r=8, alpha=16, target_modules=["q_proj", "v_proj"])``.
+    """
+    registry = registry or default_registry()
+    plugin = registry.method(method)
+    resolved = plugin.resolve_config({**(config or {}), **options})
+    targets = plugin.inject(model, resolved, name)
+    injected = InjectedAdapter(model, plugin, resolved, targets, name)
+    _attach(model, injected)
+    return injected
+
+
+def apply(adapter: Adapter, model: torch.nn.Module, *, name: str = "default", registry: Registry | None = None) -> torch.nn.Module:
+    """Inject a saved adapter into ``model`` and load its weights; returns the model.
+
+    The handle is available as ``adapterkit.core.session.attached(model)[name]``.
+    """
+    registry = registry or default_registry()
+    plugin = registry.method(adapter.method)
+    resolved = plugin.resolve_config(adapter.config)
+    targets = plugin.inject(model, resolved, name, targets=adapter.targets)
+    plugin.load_state(model, {k: to_torch(v) for k, v in adapter.tensors.items()}, name)
+    _attach(model, InjectedAdapter(model, plugin, resolved, targets, name))
+    return model
