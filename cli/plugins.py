@@ -1,0 +1,32 @@
+"""``adapterkit plugins``."""
+
+from __future__ import annotations
+
+import click
+
+from .output import echo_json
+
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def command(as_json: bool) -> None:
+    """List each plugin: distribution, version, hooks, methods, formats, and load failures."""
+    from adapterkit.core.plugins import default_registry
+
+    registry = default_registry()
+    infos = sorted(registry.plugins.values(), key=lambda i: (i.distribution != "adapterkit", i.name))
+    if as_json:
+        echo_json([info.to_dict() for info in infos])
+        return
+    for info in infos:
+        dist = f"{info.distribution} {info.version}" if info.distribution else "(not installed)"
+        mark = click.style("ok", fg="green") if info.ok else click.style("FAILED", fg="red")
+        click.echo(f"{info.name}  [{mark}]  {dist}  ({info.module})")
+        if info.methods:
+            click.echo("  methods: " + ", ".join(f"{m} ({registry.methods[m].description})" for m in info.methods))
+        if info.formats:
+            click.echo("  formats: " + ", ".join(f"{f} ({registry.formats[f].description})" for f in info.formats))
+        if info.hooks:
+            click.echo("  hooks:   " + ", ".join(info.hooks))
+        for error in info.errors:
+            click.echo(f"  error:   {error}")

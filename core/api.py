@@ -1,0 +1,176 @@
+"""The public, torch-free API: detect, load, save, validate, convert, inspect.
+
+Every CLI command is a thin layer over one of these functions.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+from .adapter import Adapter
+from .errors import AdapterkitError, FormatError
+from .io import atomic_directory
+from .plugins import Registry, default_registry
+from .validate import ValidationReport, check_base, check_native, check_tensors
+
+
+def detect_format(path: str | Path, registry: Registry | None = None) -> str:
+    """The name of the format whose detector recognises ``path``."""
+    registry = registry or default_registry()
+    path = Path(path)
+    if not path.exists():
+        raise FormatError("path not found", file=str(path), code="missing_file")
+    matches = []
+    for name, fmt in registry.formats.items():
+        try:
+            if fmt.detect(path):
+                matches.append(name)
+        except Exception:  # a detector must not break detection of the others
+            continue
+    if not matches:
+        raise FormatError(
+            "no installed format recognises this path", file=str(path), expected=sorted(registry.formats),
+            hint="pass --from FORMAT, or install the plugin for this format", code="unknown_format",
+        )
+    if "adapterkit" in matches:
+        return "adapterkit"
+    if len(matches) > 1:
+        raise FormatError("several formats recognise this path", file=str(path), found=matches,
+                          hint="pass --from FORMAT to choose", code="ambiguous_format")
+    return matches[0]
+
+
+def load(path: str | Path, format: str | None = None, *, registry: Registry | None = None, **options: Any) -> Adapter:
+    """Read an adapter in any installed format (auto-detected) into the canonical layout."""
+    registry = registry or default_registry()
+    path = Path(path)
+    name = format or detect_format(path, registry)
+    fmt = registry.format(name)
+    if not fmt.can_read:
+        raise FormatError(f"format {name!r} cannot be read", file=str(path), code="unsupported")
+    adapter = fmt.read(path, registry=registry, **options)
+    adapter.source, adapter.source_format = path, name
+    return adapter
+
+
+def save(
+    adapter: Adapter,
+    out_dir: str | Path,
+    format: str = "adapterkit",
+    *,
+    overwrite: bool = False,
+    registry: Registry | None = None,
+    **options: Any,
+) -> Path:
+    """Write ``adapter`` as a folder in ``format``, atomically (all or nothing)."""
+    registry = registry or default_registry()
+    fmt = registry.format(format)
+    if not fmt.can_write:
+        raise FormatError(f"format {format!r} cannot be written", file=str(out_dir), code="unsupported")
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        fmt.write(adapter, tmp, registry=registry, **options)
+    return out_dir
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    *,
+    from_format: str | None = None,
+    overwrite: bool = False,
+    registry: Registry | None = None,
+    **options: Any,
+) -> Path:
+    """Read ``src`` (any format) and write it to ``dst`` in format ``to``."""
+    registry = registry or default_registry()
+    adapter = load(src, from_format, registry=registry)
+    return save(adapter, dst, to, overwrite=overwrite, registry=registry, **options)
+
+
+def validate(
+    path: str | Path, base: str | Path | None = None, *, format: str | None = None, registry: Registry | None = None
+) -> ValidationReport:
+    """Check an adapter (any format) and optionally its fit to a local base model."""
+    registry = registry or default_registry()
+    path = Path(path)
+    report = ValidationReport(str(path))
+    try:
+        report.format = format or detect_format(path, registry)
+    except AdapterkitError as exc:
+        report.error(exc)
+        return report
+    if report.format == "adapterkit":
+        check_native(path, registry, report)
+    else:
+        fmt = registry.format(report.format)
+        try:
+            adapter = fmt.read(path, registry=registry)
+        except AdapterkitError as exc:
+            report.error(exc)
+            return report
+        report.method = adapter.method
+        report.checks.append(f"{report.format} files and config")
+        report.not_checked.extend(fmt.checks(path))
+        for warning in adapter.warnings:
+            report.warn(AdapterkitError(warning, file=str(path)))
+        check_tensors(adapter, registry, report, file=str(path))
+        report.adapter = adapter
+    if base is not None and report.adapter is not None:
+        check_base(report.adapter, base, report)
+    elif base is None:
+        report.not_checked.append("fit to a base model (pass --base)")
+    return report
+
+
+def inspect(path: str | Path, *, format: str | None = None, registry: Registry | None = None) -> dict[str, Any]:
+    """A summary of an adapter: method, targets, ranks, parameters, sizes."""
+    registry = registry or default_registry()
+    adapter = load(path, format, registry=registry)
+    return summarize(adapter)
+
+
+def summarize(adapter: Adapter) -> dict[str, Any]:
+    manifest = adapter.manifest
+    kinds = collections.Counter(t.get("kind") for t in manifest.targets.values())
+    ranks = collections.Counter(t["r"] for t in manifest.targets.values() if "r" in t)
+    alphas = collections.Counter(t["alpha"] for t in manifest.targets.values() if "alpha" in t)
+    files = _file_sizes(adapter)
+    summary: dict[str, Any] = {
+        "path": str(adapter.source) if adapter.source else None,
+        "format": adapter.source_format,
+        "method": manifest.method,
+        "config": manifest.config,
+        "dtype": manifest.dtype,
+        "task": manifest.task,
+        "base_model": manifest.base_model,
+        "targets": len(manifest.targets),
+        "target_kinds": dict(sorted(kinds.items())),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {str(k): v for k, v in sorted(alphas.items())},
+        "modules": sorted({m.rsplit(".", 1)[-1] for m in manifest.targets}),
+        "parameters": adapter.num_parameters,
+        "tensor_bytes": adapter.nbytes,
+        "file_bytes": sum(files.values()) if files else None,
+    }
+    base_params = manifest.base_model.get("num_parameters")
+    if base_params:
+        summary["base_parameters"] = base_params
+        summary["parameters_relative_to_base"] = adapter.num_parameters / base_params
+    if manifest.provenance:
+        summary["provenance"] = {k: v for k, v in manifest.provenance.items() if k != "converted_from"}
+        if "converted_from" in manifest.provenance:
+            summary["provenance"]["converted_from"] = manifest.provenance["converted_from"].get("format")
+    return summary
+
+
+def _file_sizes(adapter: Adapter) -> dict[str, int]:
+    source = adapter.source
+    if source is None:
+        return {}
+    if source.is_file():
+        return {source.name: source.stat().st_size}
+    return {p.name: p.stat().st_size for p in sorted(source.iterdir()) if p.is_file()}

@@ -1,0 +1,36 @@
+"""The native adapterkit format as a format plugin (adapter.json + safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapterkit.core.adapter import Adapter
+from adapterkit.core.formats import Format
+from adapterkit.core.hookspecs import hookimpl
+from adapterkit.core.manifest import MANIFEST_NAME
+
+
+class NativeFormat(Format):
+    name = "adapterkit"
+    description = "adapterkit folder: versioned adapter.json manifest + canonical safetensors"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / MANIFEST_NAME).is_file()
+
+    def read(self, path: Path, **options: Any) -> Adapter:
+        from adapterkit.core.native import read_native
+        from adapterkit.core.plugins import default_registry
+
+        return read_native(path, options.get("registry") or default_registry())
+
+    def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
+        from adapterkit.core.native import write_native
+        from adapterkit.core.plugins import default_registry
+
+        write_native(adapter, path, options.get("registry") or default_registry())
+
+
+@hookimpl
+def adapterkit_register_formats(register) -> None:  # type: ignore[no-untyped-def]
+    register(NativeFormat())
