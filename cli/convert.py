@@ -10,17 +10,19 @@ import click
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--from", "from_format", metavar="FMT", help="Source format (default: detected from the files).")
 @click.option("--to", "to_format", metavar="FMT", required=True, help="Target format (adapterkit plugins lists them).")
+@click.option("--base", type=click.Path(exists=True, file_okay=False),
+              help="Local HF base model folder, for formats that need the base's config or module names.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def command(src: str, dst: str, from_format: str | None, to_format: str, overwrite: bool) -> None:
+def command(src: str, dst: str, from_format: str | None, to_format: str, base: str | None, overwrite: bool) -> None:
     """Convert the adapter SRC into DST (a new folder) in format --to.
 
     The output is written to a temporary folder and renamed into place, so DST
     is either absent or complete. A conversion the target cannot express
     exactly is refused with a message saying what would be lost.
     """
-    from adapterkit.core.api import convert, load, save
+    from adapterkit.core.api import load, save
 
-    adapter = load(src, from_format)
-    save(adapter, dst, to_format, overwrite=overwrite)
+    options = {"base": base} if base else {}
+    adapter = load(src, from_format, **options)
+    save(adapter, dst, to_format, overwrite=overwrite, **options)
     click.echo(f"wrote {dst} ({to_format}, {adapter.method}, {len(adapter.targets)} targets, from {adapter.source_format})")
-    del convert

@@ -70,7 +70,10 @@ class Method(ABC):
         return None if self.mergeable else f"method {self.name!r} cannot be merged into the base weights"
 
     def delta_weight(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
-        """The float32 change to the module's base weight (same shape as ``target['shape']``), if mergeable."""
+        """The float32 change to the module's base weight (same shape as ``target['shape']``), if mergeable.
+
+        ``tensors`` holds this module's tensors under their canonical keys (``<module>.<method>.<param>``).
+        """
         return None
 
     # ---- torch: injection, training, extraction, merge ---------------------

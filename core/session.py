@@ -154,14 +154,22 @@ def attached(model: torch.nn.Module) -> dict[str, InjectedAdapter]:
     return getattr(model, ATTACHED, {})
 
 
+def _check_free(model: torch.nn.Module, name: str) -> None:
+    if name in attached(model):
+        raise UsageError(f"an adapter named {name!r} is already injected", hint="choose another name")
+
+
 def _attach(model: torch.nn.Module, injected: InjectedAdapter) -> None:
     table = getattr(model, ATTACHED, None)
     if table is None:
         table = {}
         object.__setattr__(model, ATTACHED, table)
-    if injected.name in table:
-        raise UsageError(f"an adapter named {injected.name!r} is already injected", hint="choose another name")
     table[injected.name] = injected
+
+
+def detach(model: torch.nn.Module, name: str) -> InjectedAdapter | None:
+    """Forget the handle of adapter ``name`` (the method's unload removes its modules)."""
+    return attached(model).pop(name, None)
 
 
 def inject(
@@ -180,6 +188,7 @@ def inject(
     """
     registry = registry or default_registry()
     plugin = registry.method(method)
+    _check_free(model, name)
     resolved = plugin.resolve_config({**(config or {}), **options})
     targets = plugin.inject(model, resolved, name)
     injected = InjectedAdapter(model, plugin, resolved, targets, name)
@@ -194,6 +203,7 @@ def apply(adapter: Adapter, model: torch.nn.Module, *, name: str = "default", re
     """
     registry = registry or default_registry()
     plugin = registry.method(adapter.method)
+    _check_free(model, name)
     resolved = plugin.resolve_config(adapter.config)
     targets = plugin.inject(model, resolved, name, targets=adapter.targets)
     plugin.load_state(model, {k: to_torch(v) for k, v in adapter.tensors.items()}, name)
