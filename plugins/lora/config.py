@@ -1,0 +1,193 @@
+"""LoRA config: JSON Schema, defaults, and validation with messages that say how to fix the input.
+
+Torch-free. :func:`validate_config` is the code twin of :data:`CONFIG_SCHEMA`
+(tests check that both accept and reject the same values).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from adapterkit.core.errors import UsageError
+
+from .targeting import ALL_LINEAR
+
+DEFAULTS: dict[str, Any] = {
+    "r": 8,
+    "alpha": 8,
+    "use_rslora": False,
+    "dropout": 0.0,
+    "target_modules": ALL_LINEAR,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "init": "default",
+}
+
+# PEFT spellings people will type, with the name to use instead.
+ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init", "rank": "r"}
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "LoRA config (method.config of a lora adapter)",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "r": {"type": "integer", "minimum": 1, "default": 8,
+              "description": "Rank of the update: A is [r, in], B is [out, r]."},
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "default": 8,
+                  "description": "Scale numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora). "
+                                 "Default 8, PEFT's default, i.e. scale 1 at the default rank."},
+        "use_rslora": {"type": "boolean", "default": False,
+                       "description": "Rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r."},
+        "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0,
+                    "description": "Dropout on the adapter's input, active in training mode only."},
+        "target_modules": {
+            "default": ALL_LINEAR,
+            "description": 'Modules to adapt. A list: module-name suffixes matched on whole dotted components '
+                           '(["q_proj", "v_proj"] or ["self_attn.q_proj"]). A string: a regex full-matched against '
+                           'the module path, or "all-linear" for every nn.Linear / transformers Conv1D except the '
+                           "output head (lm_head, classifier, score, the output embedding).",
+            "oneOf": [
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                {"type": "string", "minLength": 1},
+            ],
+        },
+        "rank_pattern": {
+            "type": "object", "additionalProperties": {"type": "integer", "minimum": 1}, "default": {},
+            "description": 'Per-module r. Key k (a name or regex) matches module path m when '
+                           're.match(rf"(.*\\.)?({k})$", m); the first matching key wins. '
+                           "The adapter records each module's r in targets, so applying it never re-matches.",
+        },
+        "alpha_pattern": {
+            "type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}, "default": {},
+            "description": "Per-module alpha, matched like rank_pattern.",
+        },
+        "layers_to_transform": {
+            "oneOf": [{"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}, {"type": "null"}],
+            "default": None,
+            "description": "Adapt only modules whose layer index (the first all-digit component of the path, "
+                           "e.g. 3 in model.layers.3.mlp.up_proj) is listed; null adapts every layer.",
+        },
+        "init": {
+            "enum": ["default", "gaussian"], "default": "default",
+            "description": 'Initialisation of new adapters: "default" = A kaiming-uniform(a=sqrt(5)), B zeros; '
+                           '"gaussian" = A normal(0, 1/r), B zeros. Either way a new adapter changes nothing.',
+        },
+    },
+}
+
+TARGET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "shape", "r", "alpha"],
+    "properties": {
+        "kind": {"enum": ["linear", "conv1d"],
+                 "description": "linear: nn.Linear, weight [out, in]; conv1d: transformers Conv1D, weight [in, out]."},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2,
+                  "description": "The base weight's shape as stored."},
+        "r": {"type": "integer", "minimum": 1, "description": "Rank of this module's update."},
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "description": "alpha of this module (scale = alpha / r)."},
+    },
+}
+
+
+def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
+    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer as JSON Schema sees it: 2 and 2.0 are, True and 2.5 are not."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise _fail(key, f"{pattern!r} is not a valid regular expression ({exc})", pattern,
+                    "escape special characters or use a list of module-name suffixes") from None
+
+
+def _check_pattern_map(key: str, value: Any, positive_int: bool) -> dict[str, Any]:
+    what = "an integer >= 1" if positive_int else "a number > 0"
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"{key} must be an object mapping module names or regexes to {what}", value,
+                    f'e.g. {key}={{"q_proj": 16}}')
+    out = {}
+    for pattern, number in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise _fail(key, "keys must be non-empty module names or regexes", pattern, "use strings such as \"q_proj\"")
+        _check_regex(key, pattern)
+        ok = _is_int(number) and number >= 1 if positive_int else _is_number(number) and number > 0
+        if not ok:
+            raise _fail(key, f"value of {pattern!r} must be {what}", number, f"fix the {key} entry for {pattern!r}")
+        out[pattern] = int(number) if positive_int else number
+    return out
+
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The full LoRA config (defaults filled, values normalised); UsageError says how to fix bad input."""
+    if not isinstance(config, Mapping):
+        raise UsageError("LoRA config must be a mapping of options", found=type(config).__name__, code="bad_config")
+    for key in config:
+        if key not in DEFAULTS:
+            suggestion = ALIASES.get(key) or next(iter(difflib.get_close_matches(str(key), DEFAULTS, n=1)), None)
+            hint = f"did you mean {suggestion!r}?" if suggestion else "remove it"
+            raise UsageError(f"unknown LoRA option {key!r}", location=f"$.method.config.{key}",
+                             expected=sorted(DEFAULTS), hint=hint, code="bad_config")
+    out = {**DEFAULTS, **config}
+
+    if not _is_int(out["r"]) or out["r"] < 1:
+        raise _fail("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
+    out["r"] = int(out["r"])
+    if not _is_number(out["alpha"]) or out["alpha"] <= 0:
+        raise _fail("alpha", "alpha must be a number > 0", out["alpha"], "pass e.g. alpha=16 (scale = alpha / r)")
+    if not isinstance(out["use_rslora"], bool):
+        raise _fail("use_rslora", "use_rslora must be true or false", out["use_rslora"], "pass use_rslora=True or False")
+    if not _is_number(out["dropout"]) or not 0 <= out["dropout"] < 1:
+        raise _fail("dropout", "dropout must be a number in [0, 1)", out["dropout"], "pass e.g. dropout=0.05")
+    out["dropout"] = float(out["dropout"])
+
+    targets = out["target_modules"]
+    if isinstance(targets, str):
+        if not targets:
+            raise _fail("target_modules", "target_modules must not be empty", targets, 'use "all-linear" or a list')
+        if targets != ALL_LINEAR:
+            _check_regex("target_modules", targets)
+    elif isinstance(targets, (list, tuple, set, frozenset)) and targets:
+        names = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
+        if not all(isinstance(n, str) and n for n in names):
+            raise _fail("target_modules", "target_modules entries must be non-empty module names", names,
+                        'use names such as ["q_proj", "v_proj"]')
+        out["target_modules"] = names
+    else:
+        raise _fail("target_modules", 'target_modules must be a non-empty list of module names, a regex, or "all-linear"',
+                    targets, 'e.g. target_modules=["q_proj", "v_proj"]')
+
+    out["rank_pattern"] = _check_pattern_map("rank_pattern", out["rank_pattern"], positive_int=True)
+    out["alpha_pattern"] = _check_pattern_map("alpha_pattern", out["alpha_pattern"], positive_int=False)
+
+    layers = out["layers_to_transform"]
+    if _is_int(layers):
+        layers = [layers]
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
+            raise _fail("layers_to_transform", "layers_to_transform must be a non-empty list of layer indices >= 0, or null",
+                        layers, "e.g. layers_to_transform=[0, 1]")
+        layers = [int(i) for i in layers]
+    out["layers_to_transform"] = layers
+
+    if out["init"] not in ("default", "gaussian"):
+        raise _fail("init", 'init must be "default" or "gaussian"', out["init"],
+                    '"default" = kaiming-uniform A, zero B (PEFT\'s default)')
+    return out

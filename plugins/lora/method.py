@@ -1,0 +1,274 @@
+"""LoRA as an adapterkit :class:`Method`: config, targets, tensors, and the torch life cycle.
+
+Canonical tensors per adapted module ``m``: ``m.lora.A`` ``[r, in]`` and
+``m.lora.B`` ``[out, r]``; the weight changes by ``scale * B @ A`` (transposed
+for GPT-2's Conv1D, whose weight is stored ``[in, out]``), with
+``scale = alpha / r`` or ``alpha / sqrt(r)`` under rsLoRA.
+
+This module imports no torch: the torch side lives in ``layer`` and
+``targeting`` and is imported inside the methods that need it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adapterkit.core.errors import BaseModelError, TensorFileError, UsageError
+from adapterkit.core.method import Method
+
+from .config import CONFIG_SCHEMA, DEFAULTS, TARGET_SCHEMA, validate_config
+from .targeting import in_out_features, module_hparams
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+KINDS = ("linear", "conv1d")
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor on ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _target_hparams(module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[int, float]:
+    """(r, alpha) of a target: the recorded values, else the config's patterns and defaults."""
+    r, alpha = module_hparams(module, {**DEFAULTS, **config})
+    return int(target.get("r", r)), target.get("alpha", alpha)
+
+
+class LoraMethod(Method):
+    """Low-rank adaptation (Hu et al., 2021) of linear and Conv1D modules."""
+
+    name = "lora"
+    version = "1"
+    description = "LoRA: low-rank update scale * B @ A of linear / Conv1D weights (mergeable)"
+    mergeable = True
+
+    # ---- torch-free ---------------------------------------------------------
+    def config_schema(self) -> dict[str, Any]:
+        return CONFIG_SCHEMA
+
+    def default_config(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
+
+    def resolve_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return validate_config(config)
+
+    def target_schema(self) -> dict[str, Any]:
+        return TARGET_SCHEMA
+
+    def expected_tensors(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        r, _ = _target_hparams(module, target, config)
+        fan_in, fan_out = in_out_features(target.get("kind", "linear"), target["shape"])
+        return {f"{module}.lora.A": (r, fan_in), f"{module}.lora.B": (fan_out, r)}
+
+    def check_target(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+        problems = []
+        kind, shape = target.get("kind"), target.get("shape")
+        if kind not in KINDS:
+            problems.append(f"kind {kind!r} is not one LoRA adapts; expected one of {list(KINDS)}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            problems.append(f"shape {shape!r} is not a 2-d weight shape [d0, d1]")
+        r, alpha = target.get("r"), target.get("alpha")
+        if "r" in target and not (isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer() and r >= 1):
+            problems.append(f"r is {r!r}; the rank must be an integer >= 1")
+        if "alpha" in target and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+            problems.append(f"alpha is {alpha!r}; alpha must be a number > 0")
+        return problems
+
+    def scale(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> float:
+        """The scale of one target under ``config``."""
+        r, alpha = _target_hparams(module, target, config)
+        return lora_scale(r, alpha, bool(config.get("use_rslora", False)))
+
+    def delta_weight(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],
+                     tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """float32 ``scale * B @ A`` in the stored weight's orientation.
+
+        ``tensors`` may be keyed canonically (``<module>.lora.A``) or by param (``A``).
+        """
+        a = tensors.get(f"{module}.lora.A", tensors.get("A"))
+        b = tensors.get(f"{module}.lora.B", tensors.get("B"))
+        if a is None or b is None:
+            raise TensorFileError(f"LoRA tensors of {module} are missing", location=module,
+                                  expected=[f"{module}.lora.A", f"{module}.lora.B"], found=sorted(tensors), code="missing_tensor")
+        scale = np.float32(self.scale(module, target, config))
+        delta = ((np.asarray(b, dtype=np.float32) @ np.asarray(a, dtype=np.float32)) * scale).astype(np.float32, copy=False)
+        return np.ascontiguousarray(delta.T if target.get("kind") == "conv1d" else delta)
+
+    # ---- torch --------------------------------------------------------------
+    def inject(self, model: torch.nn.Module, config: Mapping[str, Any], adapter_name: str = "default",
+               targets: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        from .layer import LoraLayer, wrap
+
+        config = validate_config(config)
+        _check_adapter_name(adapter_name)
+        plan = _plan_from_targets(model, targets, config) if targets is not None else _plan_from_config(model, config)
+        for path, (module, _) in plan.items():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                raise UsageError(f"module {path} already holds a LoRA adapter named {adapter_name!r}",
+                                 hint="inject under another name", code="duplicate_adapter")
+        keep_trainable = _adapter_parameter_ids(model)
+        for param in model.parameters():
+            if id(param) not in keep_trainable:
+                param.requires_grad_(False)
+        for path, (module, entry) in plan.items():
+            layer = wrap(model, path, module)
+            r, alpha = entry["r"], entry["alpha"]
+            scale = lora_scale(r, alpha, config["use_rslora"])
+            layer.add_adapter(adapter_name, r, alpha, scale, config["dropout"], config["init"])
+            for param in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                param.requires_grad_(True)
+        return {path: entry for path, (_, entry) in plan.items()}
+
+    def load_state(self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+        import torch
+
+        from .layer import lora_layers
+
+        params = _named_adapter_params(model, adapter_name)
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise TensorFileError(
+                f"LoRA tensors do not match the injected adapter {adapter_name!r}: "
+                f"{len(missing)} missing, {len(unexpected)} unexpected",
+                expected={"missing": missing}, found={"unexpected": unexpected},
+                hint="the tensors must be the canonical <module>.lora.A / .lora.B of exactly the adapted modules",
+                code="tensor_mismatch",
+            )
+        for key, param in params.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise TensorFileError("LoRA tensor has the wrong shape", location=key, expected=list(param.shape),
+                                      found=list(tensors[key].shape), code="tensor_shape")
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+        for _, layer in lora_layers(model, adapter_name):
+            if adapter_name in layer.merged:
+                layer.sync_weight()
+
+    def extract_state(self, model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        return {key: param.detach().clone() for key, param in _named_adapter_params(model, adapter_name).items()}
+
+    def trainable_parameters(self, model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+        return list(_named_adapter_params(model, adapter_name).values())
+
+    def set_enabled(self, model: torch.nn.Module, enabled: bool) -> None:
+        from .layer import lora_layers
+
+        for _, layer in lora_layers(model):
+            layer.set_enabled(enabled)
+
+    def merge(self, model: torch.nn.Module, adapter_name: str = "default") -> None:
+        for _, layer in _layers_of(model, adapter_name):
+            layer.merge(adapter_name)
+
+    def unmerge(self, model: torch.nn.Module, adapter_name: str = "default") -> None:
+        for _, layer in _layers_of(model, adapter_name):
+            layer.unmerge(adapter_name)
+
+    def unload(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Put every base module back; merged adapters stay folded in (merge + unload = a merged model).
+
+        The model's LoRA handles (``adapterkit.core.session.attached``) are dropped with the wrappers.
+        """
+        from adapterkit.core.session import attached, detach
+
+        from .layer import lora_layers, replace_module
+
+        for name in [name for name, injected in attached(model).items() if injected.method.name == self.name]:
+            detach(model, name)
+        for path, layer in lora_layers(model):
+            base = layer.release()
+            if path:
+                replace_module(model, path, base)
+            else:
+                model = base
+        return model
+
+
+# ---- torch helpers (called only from the torch methods above) ---------------
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise UsageError("adapter name must be a non-empty string without '.'", found=name, code="bad_name")
+
+
+def _plan_from_config(model: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    from .layer import LoraLayer, module_kind
+    from .targeting import select_modules
+
+    plan = {}
+    for path, module in select_modules(model, config).items():
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        r, alpha = module_hparams(path, config)
+        entry = {"kind": module_kind(base), "shape": _weight_shape(base), "r": r, "alpha": alpha}
+        plan[path] = (module, entry)
+    return plan
+
+
+def _plan_from_targets(model: torch.nn.Module, targets: Mapping[str, Mapping[str, Any]],
+                       config: Mapping[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Check every recorded target against the model before anything is wrapped."""
+    from .layer import LoraLayer, module_kind
+
+    hint = "apply the adapter to the base model it was made for"
+    plan = {}
+    for path, target in targets.items():
+        try:
+            module = model.get_submodule(path) if path else None
+        except AttributeError:
+            module = None
+        if module is None:
+            raise BaseModelError(f"module {path} not found in the model", location=path, hint=hint, code="missing_module")
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        kind = module_kind(base)
+        if kind is None or kind != target.get("kind", kind):
+            raise BaseModelError(f"module {path} is not of the recorded kind", location=path,
+                                 expected=target.get("kind"), found=kind or type(base).__name__, hint=hint, code="kind_mismatch")
+        shape = _weight_shape(base)
+        if shape != list(target["shape"]):
+            raise BaseModelError(f"module {path}: base weight shape differs from the adapter's", location=path,
+                                 expected=list(target["shape"]), found=shape, hint=hint, code="shape_mismatch")
+        r, alpha = _target_hparams(path, target, config)
+        plan[path] = (module, {"kind": kind, "shape": shape, "r": r, "alpha": alpha})
+    if not plan:
+        raise UsageError("the adapter has no targets", code="no_targets")
+    return plan
+
+
+def _weight_shape(module: torch.nn.Module) -> list[int]:
+    return list(module.get_parameter("weight").shape)
+
+
+def _layers_of(model: torch.nn.Module, adapter_name: str) -> list[tuple[str, Any]]:
+    from .layer import lora_layers
+
+    layers = lora_layers(model, adapter_name)
+    if not layers:
+        raise UsageError(f"the model holds no LoRA adapter named {adapter_name!r}", code="unknown_adapter")
+    return layers
+
+
+def _named_adapter_params(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    params = {}
+    for path, layer in _layers_of(model, adapter_name):
+        params[f"{path}.lora.A"] = layer.lora_A[adapter_name]
+        params[f"{path}.lora.B"] = layer.lora_B[adapter_name]
+    return params
+
+
+def _adapter_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """Parameters of adapters already in the model (any method): injection leaves them as they are."""
+    from adapterkit.core.session import attached
+
+    from .layer import lora_layers
+
+    ids = {id(p) for _, layer in lora_layers(model) for p in (*layer.lora_A.values(), *layer.lora_B.values())}
+    for injected in attached(model).values():
+        ids.update(id(p) for p in injected.parameters())
+    return ids
