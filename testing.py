@@ -1,0 +1,255 @@
+"""``adapterkit.testing``: the conformance kit every method plugin runs.
+
+A plugin author subclasses :class:`MethodConformance` in a test module; pytest
+collects the inherited tests and runs them against tiny seeded models::
+
+    from adapterkit.testing import MethodConformance
+
+    class TestMyMethod(MethodConformance):
+        method = "my_method"
+        configs = {"llama": {"r": 4}, "gpt2": {"r": 4}, "bert": {"r": 4}}
+
+Each test checks one clause of the method contract (docs/plugins.md):
+injection trains only adapter parameters, a training step changes only them,
+save -> load -> apply reproduces the outputs exactly, disabling restores the
+base exactly, merge / unmerge are exact where the method declares them, and
+validate accepts the saved adapter and rejects tampered files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+MERGE_ATOL = 1e-5
+
+
+# ---- tiny seeded models (built from a config, never downloaded) ------------
+
+def tiny_llama(seed: int = 0) -> Any:
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 kv heads)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> Any:
+    """A 2-layer GPT-2 (Conv1D projections, fused c_attn)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3) -> Any:
+    """A 2-layer BERT sequence classifier."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+TINY_MODELS: dict[str, Callable[..., Any]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def sample_inputs(seed: int = 1, batch: int = 2, length: int = 8) -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def outputs(model: Any, inputs: Mapping[str, Any]) -> Any:
+    """The model's logits under no_grad."""
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def perturb(parameters: list[Any], seed: int = 0, scale: float = 0.2) -> None:
+    """Give adapter parameters non-trivial values (PEFT-style zero init would prove nothing)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in parameters:
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.add_(noise.to(param.dtype) * scale)
+
+
+def base_state(model: Any) -> dict[str, Any]:
+    """Clones of every parameter and buffer that is not an adapter parameter."""
+    from adapterkit.core.session import attached
+
+    adapter_ids = {id(p) for injected in attached(model).values() for p in injected.parameters()}
+    state = {}
+    for name, param in model.named_parameters():
+        if id(param) not in adapter_ids:
+            state[name] = param.detach().clone()
+    return state
+
+
+# ---- the conformance suite -------------------------------------------------
+
+class MethodConformance:
+    """Subclass with ``method`` and ``configs`` (model kind -> config) set."""
+
+    method: ClassVar[str] = ""
+    configs: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: model kind -> factory(seed) returning a fresh eval-mode model
+    models: ClassVar[dict[str, Callable[..., Any]]] = TINY_MODELS
+    registry: ClassVar[Any] = None
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:  # pragma: no cover - pytest hook
+        if "kind" in metafunc.fixturenames:
+            metafunc.parametrize("kind", sorted(self.configs))
+
+    # helpers
+    def _inject(self, kind: str, seed: int = 0) -> tuple[Any, Any]:
+        import adapterkit
+
+        model = self.models[kind](seed)
+        handle = adapterkit.inject(model, self.method, self.configs[kind], registry=self.registry)
+        return model, handle
+
+    def _registry(self) -> Any:
+        from adapterkit.core.plugins import default_registry
+
+        return self.registry or default_registry()
+
+    def _saved(self, kind: str, folder: Path) -> tuple[Any, Any, Path]:
+        import adapterkit
+
+        model, handle = self._inject(kind)
+        perturb(handle.parameters())
+        path = adapterkit.save(handle.to_adapter(), folder / "adapter", registry=self._registry())
+        return model, handle, path
+
+    # the contract
+    def test_method_is_registered(self) -> None:
+        method = self._registry().method(self.method)
+        assert method.name == self.method
+        assert isinstance(method.config_schema(), dict)
+
+    def test_only_adapter_parameters_train(self, kind: str) -> None:
+        model, handle = self._inject(kind)
+        adapter_params = {id(p) for p in handle.parameters()}
+        assert adapter_params, "the method created no trainable parameters"
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable == adapter_params, "parameters outside the adapter require grad (or adapter ones do not)"
+
+    def test_training_step_changes_only_adapter(self, kind: str) -> None:
+        import torch
+
+        model, handle = self._inject(kind)
+        perturb(handle.parameters(), seed=3, scale=0.05)
+        before_base = base_state(model)
+        before_adapter = [p.detach().clone() for p in handle.parameters()]
+        model.train()
+        optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2)
+        loss = model(**sample_inputs()).logits.float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        after_adapter = list(handle.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before_adapter, after_adapter)), "no adapter parameter changed"
+        for name, value in base_state(model).items():
+            assert torch.equal(value, before_base[name]), f"base parameter {name} changed during training"
+
+    def test_save_load_apply_identity(self, kind: str, tmp_path: Path) -> None:
+        import torch
+
+        import adapterkit
+
+        model, _, path = self._saved(kind, tmp_path)
+        inputs = sample_inputs()
+        expected = outputs(model, inputs)
+        fresh = adapterkit.apply(adapterkit.load(path, registry=self._registry()), self.models[kind](0),
+                                 registry=self._registry())
+        got = outputs(fresh, inputs)
+        assert torch.equal(got, expected), f"max abs diff {(got - expected).abs().max().item():.3g} after reload"
+
+    def test_disable_restores_base(self, kind: str) -> None:
+        import torch
+
+        inputs = sample_inputs()
+        base_out = outputs(self.models[kind](0), inputs)
+        model, handle = self._inject(kind)
+        perturb(handle.parameters())
+        assert not torch.equal(outputs(model, inputs), base_out), "the adapter does not change the output"
+        with handle.disabled():
+            assert torch.equal(outputs(model, inputs), base_out), "disabled adapter changes the output"
+
+    def test_merge_or_refusal(self, kind: str) -> None:
+        import torch
+
+        model, handle = self._inject(kind)
+        perturb(handle.parameters())
+        inputs = sample_inputs()
+        method = self._registry().method(self.method)
+        if not method.mergeable:
+            assert method.merge_refusal(handle.config), "a non-mergeable method must say why it cannot merge"
+            from adapterkit.core.errors import AdapterkitError
+
+            with pytest.raises((NotImplementedError, AdapterkitError)):
+                handle.merge()
+            return
+        unmerged = outputs(model, inputs)
+        original = base_state(model)
+        handle.merge()
+        merged = outputs(model, inputs)
+        assert (merged - unmerged).abs().max().item() <= MERGE_ATOL, "merged output differs from unmerged"
+        handle.merged = False  # a second merge must be a no-op at the method level too
+        method.merge(model, handle.name)
+        handle.merged = True
+        assert (outputs(model, inputs) - unmerged).abs().max().item() <= MERGE_ATOL, "merging twice is not idempotent"
+        handle.unmerge()
+        for name, value in base_state(model).items():
+            assert torch.equal(value, original[name]), f"unmerge did not restore {name} exactly"
+
+    def test_validate_accepts_saved_and_rejects_tampered(self, kind: str, tmp_path: Path) -> None:
+        import adapterkit
+        from adapterkit.core import safetensors_io
+
+        _, _, path = self._saved(kind, tmp_path)
+        report = adapterkit.validate(path, registry=self._registry())
+        assert report.valid, [str(e) for e in report.errors]
+        # 1. one flipped byte in the tensor data: the checksum must catch it
+        manifest = json.loads((path / "adapter.json").read_text())
+        tensor_file = path / next(iter(manifest["tensors"]))
+        data = bytearray(tensor_file.read_bytes())
+        data[-3] ^= 0xFF
+        tensor_file.write_bytes(bytes(data))
+        assert not adapterkit.validate(path, registry=self._registry()).valid, "a flipped byte went unnoticed"
+        # 2. a tensor of the wrong shape with a matching checksum: the shape check must catch it
+        data[-3] ^= 0xFF
+        tensor_file.write_bytes(bytes(data))
+        tensors, metadata = safetensors_io.load(tensor_file)
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key].reshape(-1)[:-1].copy() if tensors[key].size > 1 else tensors[key].repeat(2)
+        blob = safetensors_io.serialize(tensors, metadata)
+        tensor_file.write_bytes(blob)
+        import hashlib
+
+        manifest["tensors"][tensor_file.name] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+        (path / "adapter.json").write_text(json.dumps(manifest))
+        report = adapterkit.validate(path, registry=self._registry())
+        assert not report.valid and any(key in str(e) for e in report.errors), "a wrong tensor shape went unnoticed"
