@@ -106,8 +106,8 @@ def validate(
     if report.format == "adapterkit":
         check_native(path, registry, report)
     else:
-        fmt = registry.format(report.format)
         try:
+            fmt = registry.format(report.format)
             adapter = fmt.read(path, registry=registry)
         except AdapterkitError as exc:
             report.error(exc)

@@ -40,8 +40,8 @@ class BaseModelInfo:
 
     @property
     def architecture(self) -> str | None:
-        archs = self.config.get("architectures") or []
-        return archs[0] if archs and isinstance(archs[0], str) else None
+        archs = self.config.get("architectures")
+        return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
     @property
     def num_parameters(self) -> int:

@@ -89,7 +89,7 @@ def schema_errors(instance: Any, schema_doc: dict[str, Any], file: str | None, p
     """Every JSON Schema violation as a ManifestError naming its JSON path."""
     import jsonschema  # imported here: only validation needs it
 
-    validator = jsonschema.Draft202012Validator(schema_doc, format_checker=jsonschema.FormatChecker())
+    validator = jsonschema.Draft202012Validator(schema_doc, format_checker=_format_checker())
     errors = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
         errors.append(
@@ -98,6 +98,27 @@ def schema_errors(instance: Any, schema_doc: dict[str, Any], file: str | None, p
             )
         )
     return errors
+
+
+@functools.cache
+def _format_checker() -> Any:
+    """jsonschema's checker, with date-time checked even without optional packages."""
+    import datetime
+
+    import jsonschema
+
+    checker = jsonschema.FormatChecker()
+
+    @checker.checks("date-time", raises=ValueError)
+    def _date_time(value: object) -> bool:
+        if not isinstance(value, str):
+            return True
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", value):
+            raise ValueError("not an RFC 3339 date-time (e.g. 2026-11-28T18:45:00Z)")
+        datetime.datetime.fromisoformat(value.replace("z", "Z"))
+        return True
+
+    return checker
 
 
 def _schema_message(error: Any) -> str:

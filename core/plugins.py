@@ -61,13 +61,25 @@ def allowed_plugins(env: dict[str, str] | None = None) -> set[str] | None:
     return {part.strip() for part in value.split(",") if part.strip()}
 
 
-def _entry_points() -> list[metadata.EntryPoint]:
-    seen: dict[str, metadata.EntryPoint] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        seen.setdefault(ep.name, ep)
-    own = [ep for ep in seen.values() if ep.dist is not None and ep.dist.name == "adapterkit"]
-    others = sorted((ep for ep in seen.values() if ep not in own), key=lambda ep: ep.name)
-    return sorted(own, key=lambda ep: ep.name) + others
+def _entry_points() -> tuple[list[metadata.EntryPoint], list[tuple[metadata.EntryPoint, str]]]:
+    """Entry points to load (adapterkit's own first) and the ones refused for a name clash."""
+
+    def dist_name(ep: metadata.EntryPoint) -> str:
+        return ep.dist.name if ep.dist is not None else "?"
+
+    found = sorted(
+        metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (dist_name(ep) != "adapterkit", ep.name, dist_name(ep))
+    )
+    chosen: dict[str, metadata.EntryPoint] = {}
+    clashes: list[tuple[metadata.EntryPoint, str]] = []
+    for ep in found:
+        first = chosen.get(ep.name)
+        if first is None:
+            chosen[ep.name] = ep
+        elif (first.value, dist_name(first)) != (ep.value, dist_name(ep)):
+            clashes.append((ep, f"plugin name {ep.name!r} is already taken by distribution {dist_name(first)!r}; "
+                                "skipped (rename the entry point)"))
+    return list(chosen.values()), clashes
 
 
 def _error_text(exc: BaseException) -> str:
@@ -94,10 +106,15 @@ def get_plugin_manager(
     infos: dict[str, PluginInfo] = {}
     candidates: list[tuple[str, Callable[[], object], PluginInfo]] = []
     if load_entrypoints:
-        for ep in _entry_points():
+        chosen, clashes = _entry_points()
+        for ep in chosen:
             dist = ep.dist
             info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, ep.value)
             candidates.append((ep.name, ep.load, info))
+        for ep, problem in clashes:
+            dist = ep.dist
+            key = f"{ep.name} ({dist.name if dist else '?'})"
+            infos[key] = PluginInfo(key, dist.name if dist else None, dist.version if dist else None, ep.value, errors=[problem])
     for name, obj in plugins:
         candidates.append((name, lambda obj=obj: obj, PluginInfo(name, module=getattr(obj, "__name__", repr(obj)))))
     for name, load, info in candidates:
@@ -124,9 +141,13 @@ def get_plugin_manager(
                 pm.unregister(plugin)
             info.errors.append(f"invalid hooks: {exc}")
             continue
-        info.hooks = sorted(
-            impl_name for impl_name in dir(plugin) if impl_name.startswith("adapterkit_") and callable(getattr(plugin, impl_name))
+        info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        unmarked = sorted(
+            attr for attr in dir(plugin)
+            if attr.startswith("adapterkit_") and callable(getattr(plugin, attr)) and attr not in info.hooks
         )
+        for attr in unmarked:
+            info.errors.append(f"{attr} is not marked with @adapterkit.hookimpl, so it is never called; add the decorator")
     return pm, infos
 
 
@@ -144,7 +165,7 @@ class Registry:
 
     def _collect(self, hook_name: str, kind: type, table: dict[str, Any], attr: str) -> None:
         label = kind.__name__
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):  # registration order
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # registration order: first wins
             plugin = impl.plugin_name
             info = self.plugins.setdefault(plugin, PluginInfo(plugin))
             received: list[Any] = []
@@ -206,7 +227,7 @@ class Registry:
 
     def register_commands(self, cli: Any) -> None:
         """Let plugins add CLI commands; a plugin that fails is recorded and skipped."""
-        for impl in reversed(self.pm.hook.adapterkit_register_commands.get_hookimpls()):
+        for impl in self.pm.hook.adapterkit_register_commands.get_hookimpls():
             try:
                 _call(impl, cli=cli)
             except Exception as exc:

@@ -110,7 +110,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         )
     data_start = 8 + length
     data_size = file_size - data_start
-    metadata = parsed.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -140,7 +141,7 @@ def _check_entry(path: str, key: str, entry: object, data_start: int, data_size:
     if not isinstance(entry, dict):
         raise fail("tensor entry must be an object", found=type(entry).__name__)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise fail("unknown dtype", expected=sorted(DTYPES), found=dtype)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise fail("shape must be a list of non-negative integers", found=shape)
@@ -220,6 +221,8 @@ def save(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], metada
 
 def non_finite_count(array: np.ndarray) -> int:
     """How many NaN or infinite values a float array holds (0 for integer arrays)."""
-    if array.dtype.kind not in "fV" and array.dtype not in (DTYPES["BF16"], DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]):
-        return 0
-    return int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+    if array.dtype.kind == "f":
+        return int(array.size - np.count_nonzero(np.isfinite(array)))
+    if array.dtype in (DTYPES["BF16"], DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]):
+        return int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+    return 0

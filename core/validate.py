@@ -78,11 +78,7 @@ def check_native(path: Path, registry: Registry, report: ValidationReport | None
         exc.file, exc.location = file, "$.method.name"
         report.error(exc)
         return report
-    config_errors = manifest_mod.schema_errors(manifest.config, method.config_schema(), file, ["method", "config"])
-    report.errors.extend(config_errors)
-    target_schema = method.target_schema()
-    for module, target in manifest.targets.items():
-        report.errors.extend(manifest_mod.schema_errors(target, target_schema, file, ["targets", module]))
+    report.errors.extend(method_schema_errors(manifest, method, file))
     report.checks.append(f"{manifest.method} config and targets")
     if report.errors:
         return report
@@ -100,6 +96,15 @@ def check_native(path: Path, registry: Registry, report: ValidationReport | None
     check_tensors(adapter, registry, report, file=str(path))
     report.adapter = adapter
     return report
+
+
+def method_schema_errors(manifest: Manifest, method: Any, file: str | None) -> list[ManifestError]:
+    """The method config and every target checked against the method plugin's schemas."""
+    errors = manifest_mod.schema_errors(manifest.config, method.config_schema(), file, ["method", "config"])
+    target_schema = method.target_schema()
+    for module, target in manifest.targets.items():
+        errors.extend(manifest_mod.schema_errors(target, target_schema, file, ["targets", module]))
+    return errors
 
 
 def _read_tensor_files(path: Path, manifest: Manifest, file: str, report: ValidationReport) -> dict[str, np.ndarray] | None:
