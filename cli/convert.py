@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import format_options, parse_format_options
+
 
 @click.command("convert")
 @click.argument("src", type=click.Path(exists=True, path_type=str))
@@ -12,8 +14,10 @@ import click
 @click.option("--to", "to_format", metavar="FMT", required=True, help="Target format (adapterkit plugins lists them).")
 @click.option("--base", type=click.Path(exists=True, file_okay=False),
               help="Local HF base model folder, for formats that need the base's config or module names.")
+@format_options
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def command(src: str, dst: str, from_format: str | None, to_format: str, base: str | None, overwrite: bool) -> None:
+def command(src: str, dst: str, from_format: str | None, to_format: str, base: str | None,
+            format_option: tuple[str, ...], overwrite: bool) -> None:
     """Convert the adapter SRC into DST (a new folder) in format --to.
 
     The output is written to a temporary folder and renamed into place, so DST
@@ -22,7 +26,7 @@ def command(src: str, dst: str, from_format: str | None, to_format: str, base: s
     """
     from adapterkit.core.api import load, save
 
-    options = {"base": base} if base else {}
+    options = {**parse_format_options(format_option), **({"base": base} if base else {})}
     adapter = load(src, from_format, **options)
     save(adapter, dst, to_format, overwrite=overwrite, **options)
     click.echo(f"wrote {dst} ({to_format}, {adapter.method}, {len(adapter.targets)} targets, from {adapter.source_format})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .options import format_options, parse_format_options
 from .output import echo_json
 
 
@@ -11,8 +12,9 @@ from .output import echo_json
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--base", type=click.Path(exists=True, file_okay=False), help="Local HF model folder to check the adapter against.")
 @click.option("--from", "format_", metavar="FMT", help="Format of PATH (default: detected).")
+@format_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(path: str, base: str | None, format_: str | None, as_json: bool) -> None:
+def command(path: str, base: str | None, format_: str | None, format_option: tuple[str, ...], as_json: bool) -> None:
     """Check an adapter: manifest schema, method config, expected tensors and
     shapes, dtypes, checksums, NaN/Inf, and with --base that every target exists
     in the base with the recorded shape (read from headers; weights are not loaded).
@@ -21,7 +23,7 @@ def command(path: str, base: str | None, format_: str | None, as_json: bool) -> 
     """
     from adapterkit.core.api import validate
 
-    report = validate(path, base=base, format=format_)
+    report = validate(path, base=base, format=format_, **parse_format_options(format_option))
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -85,16 +85,28 @@ def convert(
     registry: Registry | None = None,
     **options: Any,
 ) -> Path:
-    """Read ``src`` (any format) and write it to ``dst`` in format ``to``."""
+    """Read ``src`` (any format) and write it to ``dst`` in format ``to``.
+
+    ``options`` (e.g. ``base=`` a local HF folder) go to both the reader and the writer;
+    each format takes the ones it knows (docs/formats.md lists them).
+    """
     registry = registry or default_registry()
-    adapter = load(src, from_format, registry=registry)
+    adapter = load(src, from_format, registry=registry, **options)
     return save(adapter, dst, to, overwrite=overwrite, registry=registry, **options)
 
 
 def validate(
-    path: str | Path, base: str | Path | None = None, *, format: str | None = None, registry: Registry | None = None
+    path: str | Path,
+    base: str | Path | None = None,
+    *,
+    format: str | None = None,
+    registry: Registry | None = None,
+    **options: Any,
 ) -> ValidationReport:
-    """Check an adapter (any format) and optionally its fit to a local base model."""
+    """Check an adapter (any format) and optionally its fit to a local base model.
+
+    ``base`` and ``options`` also reach a foreign format's reader (some need the base's config).
+    """
     registry = registry or default_registry()
     path = Path(path)
     report = ValidationReport(str(path))
@@ -108,7 +120,8 @@ def validate(
     else:
         try:
             fmt = registry.format(report.format)
-            adapter = fmt.read(path, registry=registry)
+            read_options = {**options, **({"base": base} if base is not None else {})}
+            adapter = fmt.read(path, registry=registry, **read_options)
         except AdapterkitError as exc:
             report.error(exc)
             return report

@@ -120,12 +120,19 @@ def get_plugin_manager(
     for name, load, info in candidates:
         if only is not None and name not in only:
             continue
-        infos[name] = info
         try:
             plugin = load()
         except Exception as exc:  # a broken plugin must not break the others
             info.errors.append(f"failed to import: {_error_text(exc)}")
+            infos[_free_key(infos, name)] = info
             continue
+        if pm.get_plugin(name) is plugin:
+            continue  # the same plugin offered twice (entry point and explicit): load it once
+        if pm.has_plugin(name) or pm.is_registered(plugin):
+            info.errors.append(f"plugin name {name!r} (or this plugin object) is already registered; skipped")
+            infos[_free_key(infos, name)] = info
+            continue
+        infos[name] = info
         api = getattr(plugin, "ADAPTERKIT_PLUGIN_API", hookspecs.PLUGIN_API_VERSION)
         if str(api) != hookspecs.PLUGIN_API_VERSION:
             info.errors.append(
@@ -137,8 +144,8 @@ def get_plugin_manager(
             pm.register(plugin, name=name)
             pm.check_pending()
         except Exception as exc:
-            if pm.is_registered(plugin):
-                pm.unregister(plugin)
+            if pm.get_plugin(name) is plugin:
+                pm.unregister(name=name)
             info.errors.append(f"invalid hooks: {exc}")
             continue
         info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
@@ -149,6 +156,14 @@ def get_plugin_manager(
         for attr in unmarked:
             info.errors.append(f"{attr} is not marked with @adapterkit.hookimpl, so it is never called; add the decorator")
     return pm, infos
+
+
+def _free_key(infos: dict[str, PluginInfo], name: str) -> str:
+    key, n = name, 1
+    while key in infos:
+        n += 1
+        key = f"{name} ({n})"
+    return key
 
 
 class Registry:

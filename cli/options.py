@@ -1,0 +1,33 @@
+"""Options shared by commands that read or write foreign formats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from adapterkit.core.errors import UsageError
+
+
+def format_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-O/--option KEY=VALUE`` (repeatable): options for a format's reader and writer."""
+    return click.option(
+        "-O", "--option", "format_option", multiple=True, metavar="KEY=VALUE",
+        help="Option for the format reader/writer (repeatable), e.g. -O alpha=16 -O permute_qk=true. "
+             "Values are JSON when they parse as JSON, else strings.",
+    )(fn)
+
+
+def parse_format_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError("format option must be KEY=VALUE", found=pair, hint="e.g. -O alpha=16", code="bad_option")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
