@@ -15,31 +15,41 @@ from adapterkit.core.adapter import Adapter
 from adapterkit.core.formats import Format
 from adapterkit.core.hookspecs import hookimpl
 
+from adapterkit.plugins import peft_prompts
+
 from . import detect as _detect
 
 
 class PeftFormat(Format):
     name = "peft"
-    description = "Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors/.bin)"
+    description = ("Hugging Face PEFT folder (adapter_config.json + adapter_model.safetensors/.bin): "
+                   "LoRA, prompt tuning, prefix tuning")
 
     def detect(self, path: Path) -> bool:
-        return _detect.detect(Path(path))
+        path = Path(path)
+        return _detect.detect(path) or peft_prompts.detect(path)
 
     def read(self, path: Path, **options: Any) -> Adapter:
+        path = Path(path)
+        if peft_prompts.detect(path):
+            return peft_prompts.read(path, base=options.get("base"))
         from .reader import read
 
-        return read(Path(path))
+        return read(path)
 
     def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
         """Options: ``base`` (a local base model folder) makes the target_modules check exact."""
+        if adapter.method in peft_prompts.METHODS:
+            peft_prompts.write(adapter, Path(path))
+            return
         from .writer import write
 
         write(adapter, Path(path), base=options.get("base"))
 
     def checks(self, path: Path) -> list[str]:
         return [
-            "PEFT decides per module whether fan_in_fan_out applies from the base model's layer types; "
-            "the adapter records one flag for all modules",
+            "checksums (PEFT folders carry none)",
+            "base fingerprint (PEFT records only base_model_name_or_path; pass --base to check shapes)",
         ]
 
 
