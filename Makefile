@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt "mlx[cpu]" mlx-lm
 	$(PY) -m pip install -q --no-deps -c constraints.txt torchtune torchao
 	$(PY) -m pip install -q -c constraints.txt datasets omegaconf tiktoken
+	# AdapterHub `adapters` 1.3 needs transformers 4.57.6: its own venv, driven by the tests.
+	$(PYTHON) -m venv .venv-adapterhub
+	.venv-adapterhub/bin/pip install -q torch==2.13.0
+	.venv-adapterhub/bin/pip install -q -c constraints-adapterhub.txt "transformers==4.57.6" "adapters==1.3.*"
 	touch $@
 
 demo: $(STAMP)
