@@ -29,6 +29,7 @@ _LAZY = {
     "apply": "adapterkit.core.session",
     "inject": "adapterkit.core.session",
     "InjectedAdapter": "adapterkit.core.session",
+    "attached": "adapterkit.core.session",
     # data model
     "Adapter": "adapterkit.core.adapter",
     "Manifest": "adapterkit.core.manifest",
@@ -52,6 +53,7 @@ _LAZY = {
     "UnsafeFileError": "adapterkit.core.errors",
     "PluginError": "adapterkit.core.errors",
     "VersionError": "adapterkit.core.errors",
+    "UsageError": "adapterkit.core.errors",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -10,14 +10,17 @@ from .output import echo_json
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def command(as_json: bool) -> None:
-    """List each plugin: distribution, version, hooks, methods, formats, and load failures."""
+    """List each plugin: distribution, version, hooks, methods, formats, and load failures.
+
+    Exit status 1 when a plugin failed to load (the others keep working).
+    """
     from adapterkit.core.plugins import default_registry
 
     registry = default_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (i.distribution != "adapterkit", i.name))
     if as_json:
         echo_json([info.to_dict() for info in infos])
-        return
+        raise SystemExit(1 if registry.failures else 0)
     for info in infos:
         dist = f"{info.distribution} {info.version}" if info.distribution else "(not installed)"
         mark = click.style("ok", fg="green") if info.ok else click.style("FAILED", fg="red")
@@ -30,3 +33,4 @@ def command(as_json: bool) -> None:
             click.echo("  hooks:   " + ", ".join(info.hooks))
         for error in info.errors:
             click.echo(f"  error:   {error}")
+    raise SystemExit(1 if registry.failures else 0)

@@ -30,9 +30,13 @@ def detect_format(path: str | Path, registry: Registry | None = None) -> str:
         except Exception:  # a detector must not break detection of the others
             continue
     if not matches:
+        hint = "pass --from FORMAT, or install the plugin for this format"
+        if registry.failures:
+            names = ", ".join(info.name for info in registry.failures)
+            hint += f"; note that plugin(s) {names} failed to load (adapterkit plugins shows why)"
         raise FormatError(
             "no installed format recognises this path", file=str(path), expected=sorted(registry.formats),
-            hint="pass --from FORMAT, or install the plugin for this format", code="unknown_format",
+            hint=hint, code="unknown_format",
         )
     if "adapterkit" in matches:
         return "adapterkit"
@@ -71,7 +75,12 @@ def save(
         raise FormatError(f"format {format!r} cannot be written", file=str(out_dir), code="unsupported")
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        fmt.write(adapter, tmp, registry=registry, **options)
+        try:
+            fmt.write(adapter, tmp, registry=registry, **options)
+        except AdapterkitError as exc:  # name the destination, not the temporary folder
+            if exc.file and str(tmp) in exc.file:
+                exc.file = exc.file.replace(str(tmp), str(out_dir))
+            raise
     return out_dir
 
 

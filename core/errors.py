@@ -34,8 +34,10 @@ class AdapterkitError(Exception):
     def __str__(self) -> str:
         head = " ".join(p for p in (self.file, self.location) if p)
         text = f"{head}: {self.message}" if head else self.message
-        if self.expected is not None or self.found is not None:
-            text += f" (expected {_short(self.expected)}, found {_short(self.found)})"
+        parts = [f"{label} {_short(value)}" for label, value in (("expected", self.expected), ("found", self.found))
+                 if value is not None]
+        if parts:
+            text += f" ({', '.join(parts)})"
         if self.hint:
             text += f". {self.hint}"
         return text

@@ -202,7 +202,7 @@ def serialize(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | N
     blobs: list[bytes] = []
     offset = 0
     for key in sorted(tensors):
-        array = np.ascontiguousarray(tensors[key])
+        array = np.ascontiguousarray(tensors[key]).reshape(np.shape(tensors[key]))  # keep 0-d scalars 0-d
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         blob = array.tobytes()

@@ -86,7 +86,7 @@ class InjectedAdapter:
             dtype=dtype,
             base_model=base_model_fields(self.model, self.targets, base_name),
             task=task or guess_task(self.model),
-            provenance={"created_by": _created_by(), **(provenance or {})},
+            provenance={"created_by": _created_by(), "created_at": now_utc(), **(provenance or {})},
             annotations=dict(annotations or {}),
         )
         return Adapter(manifest, arrays)

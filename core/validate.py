@@ -78,6 +78,13 @@ def check_native(path: Path, registry: Registry, report: ValidationReport | None
         exc.file, exc.location = file, "$.method.name"
         report.error(exc)
         return report
+    if _version_tuple(manifest.method_version) > _version_tuple(method.version):
+        report.error(ManifestError(
+            f"method {manifest.method!r} version {manifest.method_version} is newer than the installed plugin's "
+            f"{method.version}", file=file, location="$.method.version", expected=f"<= {method.version}",
+            found=manifest.method_version, hint="upgrade the plugin that provides this method", code="new_method_version",
+        ))
+        return report
     report.errors.extend(method_schema_errors(manifest, method, file))
     report.checks.append(f"{manifest.method} config and targets")
     if report.errors:
@@ -96,6 +103,10 @@ def check_native(path: Path, registry: Registry, report: ValidationReport | None
     check_tensors(adapter, registry, report, file=str(path))
     report.adapter = adapter
     return report
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(version).split(".") if part.isdigit())
 
 
 def method_schema_errors(manifest: Manifest, method: Any, file: str | None) -> list[ManifestError]:

@@ -283,7 +283,7 @@ def test_console_script_plugins_json_reports_a_broken_distribution(tmp_path):
     (info / "entry_points.txt").write_text("[adapterkit]\nfakeplug = fakeplug_cli_mod\n")
     (site / "fakeplug_cli_mod.py").write_text("import no_such_module_anywhere\n")
     result = run("plugins", "--json", env={"PYTHONPATH": str(site)}, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # a failed plugin makes the listing exit 1
     entries = {e["name"]: e for e in json.loads(result.stdout)}
     assert entries["fakeplug"]["distribution"] == "fakeplug"
     assert "ModuleNotFoundError" in entries["fakeplug"]["errors"][0]

@@ -412,7 +412,7 @@ def test_cli_plugins_json_shows_the_failure(site, fresh_default_registry):
     from adapterkit.cli.main import cli
 
     result = CliRunner().invoke(cli, ["plugins", "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a failed plugin: exit 1
     entries = {entry["name"]: entry for entry in json.loads(result.stdout)}
     assert entries["fakeplug"]["distribution"] == "fakeplug"
     assert "fakeplug is broken" in entries["fakeplug"]["errors"][0]
@@ -420,7 +420,7 @@ def test_cli_plugins_json_shows_the_failure(site, fresh_default_registry):
     assert entries["goodplug"]["formats"] == ["goodfmt"]
 
     text = CliRunner().invoke(cli, ["plugins"])
-    assert text.exit_code == 0
+    assert text.exit_code == 1
     assert "fakeplug  [FAILED]  fakeplug 0.1" in text.stdout
     assert "error:   failed to import: RuntimeError: fakeplug is broken" in text.stdout
 
