@@ -26,6 +26,8 @@ _LAZY = {
     "convert": "adapterkit.core.api",
     "inspect": "adapterkit.core.api",
     "detect_format": "adapterkit.core.api",
+    "merge": "adapterkit.core.merge",
+    "compose": "adapterkit.core.compose",
     "apply": "adapterkit.core.session",
     "inject": "adapterkit.core.session",
     "InjectedAdapter": "adapterkit.core.session",
@@ -59,11 +61,14 @@ _LAZY = {
 __all__ = sorted([*_LAZY, "__version__"])
 
 
+_RENAMED = {"merge": "merge_into_base"}
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 

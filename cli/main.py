@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("adapterkit.cli.validate", "Check an adapter (any format), optionally against a base model."),
     "inspect": ("adapterkit.cli.inspect", "Summarise an adapter: method, targets, ranks, parameters, sizes."),
     "convert": ("adapterkit.cli.convert", "Convert an adapter between formats (source auto-detected)."),
+    "merge": ("adapterkit.cli.merge", "Fold an adapter into its base model: a full HF model folder (streaming, no torch)."),
+    "compose": ("adapterkit.cli.compose", "Combine LoRA adapters of one base (linear, cat, svd, ties, dare_*, magnitude_prune)."),
     "schema": ("adapterkit.cli.schema", "Print the JSON Schema of the adapter manifest."),
     "plugins": ("adapterkit.cli.plugins", "List the loaded plugins, their hooks, methods and formats."),
     "demo": ("adapterkit.cli.demo", "Run the end-to-end demo on the embedded SmolLM2-135M (no arguments)."),

@@ -90,7 +90,7 @@ def read_base_model(path: str | Path) -> BaseModelInfo:
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise BaseModelError("config.json must be a JSON object", file=str(config_path), code="base_invalid")
-    files = _weight_files(path)
+    files = weight_files(path)
     weights: dict[str, WeightInfo] = {}
     for file in files:
         header = safetensors_io.read_header(file)
@@ -99,7 +99,8 @@ def read_base_model(path: str | Path) -> BaseModelInfo:
     return BaseModelInfo(path, config, weights)
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder (the index's shards, or the single file)."""
     index = path / INDEX_NAME
     if index.is_file():
         data = read_json(index)

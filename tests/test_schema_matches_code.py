@@ -36,6 +36,7 @@ def rich_manifest() -> dict[str, Any]:
             "created_at": "2025-06-01T12:00:00Z",
             "converted_from": {"format": "peft", "config": {"peft_type": "LORA", "r": 4}},
             "training": {"steps": 10, "loss": [2.5, 1.25], "seconds": 3.5},
+            "composition": {"strategy": "svd", "rank": 4, "sources": []},
         },
         annotations={"org.example.owner": "team-a", "dev.adapterkit.test": {"nested": True}},
         config={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05,

@@ -1,0 +1,355 @@
+"""Combine LoRA adapters made for one base model into a new LoRA adapter (numpy only).
+
+Strategies (docs/compose.md gives the math as implemented):
+
+- ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: combine
+  the A factors and the B factors separately, each adapter's ``weight * scale``
+  split as ``sqrt`` over A (with its sign) and B, as PEFT's
+  ``add_weighted_adapter`` does. The ranks of a module must be equal.
+- ``cat``: concatenate the factors (rank = sum of ranks); exact.
+- ``svd``: the best rank-``rank`` approximation of ``sum_i w_i s_i B_i A_i``,
+  computed from the stacked factors (two thin QRs and the SVD of a small core),
+  never from the full [out, in] matrix.
+
+The result has scale 1 on every module (alpha = r) and records the
+composition (sources with their fingerprints and sha256, strategy, weights,
+density, rank, seed) in its manifest's provenance.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import compose_math as cm
+from .adapter import Adapter
+from .base_model import targets_fingerprint
+from .errors import UsageError
+from .manifest import Manifest
+from .merge import single_threaded_blas
+from .plugins import Registry, default_registry
+
+__all__ = ["STRATEGIES", "compose"]
+
+FACTOR_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_STRATEGIES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+SIGN_STRATEGIES = ("ties", "dare_ties")
+RANDOM_STRATEGIES = ("dare_linear", "dare_ties")
+COMPOSABLE_METHODS = ("lora",)
+#: base_model fields that must agree between the inputs
+BASE_FIELDS = ("model_type", "architecture", "num_parameters")
+
+
+def compose(
+    adapters: Sequence[Adapter | str | os.PathLike[str]],
+    strategy: str,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int | None = None,
+    *,
+    majority_sign: str = "total",
+    dtype: str | None = None,
+    registry: Registry | None = None,
+) -> Adapter:
+    """A new LoRA adapter combining ``adapters`` (Adapter objects or paths, any format).
+
+    :param strategy: one of :data:`STRATEGIES`.
+    :param weights: one weight per adapter (default 1.0 each); may be negative.
+    :param density: fraction of entries kept by ``ties``, ``dare_*``, ``magnitude_prune`` (0 < d <= 1).
+    :param rank: output rank of ``svd`` (default: the largest input rank).
+    :param seed: random seed of ``dare_*`` (default: drawn, and recorded in the provenance).
+    :param majority_sign: sign election of ``ties`` / ``dare_ties``: ``total`` or ``frequency``.
+    :param dtype: tensor dtype of the result (default: the inputs' common dtype, else float32).
+    """
+    registry = registry or default_registry()
+    loaded = [_load(a, registry) for a in adapters]
+    weights = _check_options(len(loaded), strategy, weights, density, rank, seed, majority_sign, dtype)
+    method = _check_methods(loaded, registry)
+    base_model = _check_base(loaded)
+    modules = sorted({m for a in loaded for m in a.targets})
+    if strategy == "svd" and rank is None:
+        rank = max(int(t["r"]) for a in loaded for t in a.targets.values())
+    if strategy in RANDOM_STRATEGIES and seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    rng = np.random.default_rng(seed) if strategy in RANDOM_STRATEGIES else None
+
+    targets: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, np.ndarray] = {}
+    with single_threaded_blas():
+        for module in modules:
+            parts = []  # (A [r, in], B [out, r], weight * scale) of each adapter holding the module
+            for adapter, weight in zip(loaded, weights, strict=True):
+                if module in adapter.targets:
+                    target = adapter.targets[module]
+                    a, b = _factors(adapter, module)
+                    parts.append((a, b, weight * _scale(method, module, target, adapter.config)))
+            if strategy == "cat":
+                new_a = np.concatenate([a * np.float32(c) for a, _, c in parts], axis=0)
+                new_b = np.concatenate([b for _, b, _ in parts], axis=1)
+            elif strategy == "svd":
+                assert rank is not None
+                new_a, new_b = cm.low_rank_svd([b for _, b, _ in parts], [a for a, _, _ in parts],
+                                               [c for _, _, c in parts], rank)
+            else:
+                new_a, new_b = _combine_factors(module, parts, strategy, density, rng, majority_sign)
+            r = int(new_a.shape[0])
+            targets[module] = {"kind": target["kind"], "shape": list(target["shape"]), "r": r, "alpha": r}
+            tensors[f"{module}.lora.A"] = new_a
+            tensors[f"{module}.lora.B"] = new_b
+
+    out_dtype = dtype or _common_dtype(loaded)
+    from .safetensors_io import DTYPES
+
+    np_dtype = DTYPES[{"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}[out_dtype]]
+    tensors = {k: v.astype(np_dtype, copy=False) for k, v in tensors.items()}
+    composition = {
+        "strategy": strategy,
+        "weights": [float(w) for w in weights],
+        "sources": [_source_record(a) for a in loaded],
+    }
+    if strategy in DENSITY_STRATEGIES:
+        composition["density"] = float(density)  # type: ignore[arg-type]
+    if strategy == "svd":
+        composition["rank"] = rank
+    if strategy in RANDOM_STRATEGIES:
+        composition["seed"] = seed
+    if strategy in SIGN_STRATEGIES:
+        composition["majority_sign"] = majority_sign
+    manifest = Manifest(
+        method=method.name,
+        method_version=method.version,
+        config=_output_config(method, loaded, targets),
+        targets=targets,
+        dtype=out_dtype,
+        base_model={**base_model, "fingerprint": targets_fingerprint(targets)},
+        task=_common([a.manifest.task for a in loaded]),
+        provenance={"created_by": _created_by(), "created_at": _now()},
+    )
+    _record_composition(manifest, composition)
+    return Adapter(manifest, tensors)
+
+
+# ---- checks -------------------------------------------------------------------
+
+def _load(adapter: Adapter | str | os.PathLike[str], registry: Registry) -> Adapter:
+    if isinstance(adapter, Adapter):
+        return adapter
+    from .api import load
+
+    return load(adapter, registry=registry)
+
+
+def _check_options(n: int, strategy: str, weights: Sequence[float] | None, density: float | None, rank: int | None,
+                   seed: int | None, majority_sign: str, dtype: str | None) -> list[float]:
+    def fail(message: str, **kw: Any) -> UsageError:
+        return UsageError(message, code="bad_option", **kw)
+
+    if n < 1:
+        raise fail("compose needs at least one adapter", hint="pass two or more adapter folders")
+    if strategy not in STRATEGIES:
+        raise fail(f"unknown strategy {strategy!r}", expected=list(STRATEGIES), found=strategy)
+    if weights is None:
+        weights = [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise fail(f"{len(weights)} weight(s) given for {n} adapter(s)", expected=n, found=len(weights),
+                   hint="pass one weight per adapter, e.g. --weights 0.7,0.3")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise fail("weights must be finite numbers", found=weights)
+    if strategy in DENSITY_STRATEGIES:
+        if density is None:
+            raise fail(f"strategy {strategy} needs a density", hint="pass --density, e.g. 0.5 keeps half the entries")
+        if not (isinstance(density, (int, float)) and 0 < density <= 1):
+            raise fail("density must be in (0, 1]", found=density, hint="the fraction of entries kept, e.g. 0.5")
+    elif density is not None:
+        raise fail(f"density has no effect with strategy {strategy}", expected=list(DENSITY_STRATEGIES),
+                   hint="leave --density out, or choose a pruning strategy")
+    if rank is not None:
+        if strategy != "svd":
+            raise fail(f"rank has no effect with strategy {strategy} (only svd chooses its rank)",
+                       hint="cat's rank is the sum of the input ranks; linear keeps the input rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise fail("rank must be an integer >= 1", found=rank)
+    if seed is not None:
+        if strategy not in RANDOM_STRATEGIES:
+            raise fail(f"seed has no effect with strategy {strategy} (only dare_* is random)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise fail("seed must be an integer >= 0", found=seed)
+    if majority_sign not in cm.SIGN_METHODS:
+        raise fail(f"unknown majority sign method {majority_sign!r}", expected=list(cm.SIGN_METHODS))
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise fail(f"unknown dtype {dtype!r}", expected=["float32", "float16", "bfloat16"])
+    return [float(w) for w in weights]
+
+
+def _check_methods(adapters: list[Adapter], registry: Registry) -> Any:
+    methods = sorted({a.method for a in adapters})
+    if len(methods) > 1:
+        raise UsageError("adapters of different methods cannot be composed", found=methods,
+                         hint="convert them to one method first, or compose each method separately",
+                         code="mixed_methods")
+    if methods[0] not in COMPOSABLE_METHODS:
+        raise UsageError(f"compose combines LoRA adapters; method {methods[0]!r} is not supported",
+                         expected=list(COMPOSABLE_METHODS), found=methods[0], code="not_composable")
+    return registry.method(methods[0])
+
+
+def _name(adapter: Adapter, index: int) -> str:
+    return str(adapter.source) if adapter.source else f"adapter #{index + 1}"
+
+
+def _check_base(adapters: list[Adapter]) -> dict[str, Any]:
+    """The inputs were made for one base: same base fields, same shape and kind for shared modules."""
+    out: dict[str, Any] = {}
+    for field_name in ("name", "revision", *BASE_FIELDS):
+        values = {a.manifest.base_model.get(field_name) for a in adapters} - {None}
+        if len(values) > 1 and field_name in BASE_FIELDS:
+            raise UsageError(f"the adapters were made for different base models (base_model.{field_name} differs)",
+                             location=f"$.base_model.{field_name}", found=sorted(map(str, values)),
+                             hint="compose only adapters trained on the same base model", code="different_bases")
+        if len(values) == 1:
+            out[field_name] = values.pop()
+    seen: dict[str, tuple[str, Any, list[int]]] = {}
+    for index, adapter in enumerate(adapters):
+        for module, target in adapter.targets.items():
+            entry = (_name(adapter, index), target.get("kind"), [int(d) for d in target["shape"]])
+            first = seen.setdefault(module, entry)
+            if first[1:] != entry[1:]:
+                raise UsageError(
+                    "the adapters were made for different base models: a module differs in kind or shape",
+                    location=module, expected=f"{first[1]} {first[2]} (in {first[0]})",
+                    found=f"{entry[1]} {entry[2]} (in {entry[0]})", code="different_bases")
+    same_modules = [a for a in adapters if set(a.targets) == set(adapters[0].targets)]
+    fingerprints = {a.manifest.base_model.get("fingerprint") for a in same_modules} - {None}
+    if len(fingerprints) > 1:
+        raise UsageError("the adapters adapt the same modules but record different base fingerprints",
+                         location="$.base_model.fingerprint", found=sorted(fingerprints), code="different_bases")
+    return out
+
+
+# ---- per-module math ------------------------------------------------------------
+
+def _factors(adapter: Adapter, module: str) -> tuple[np.ndarray, np.ndarray]:
+    a = adapter.tensors[f"{module}.lora.A"]
+    b = adapter.tensors[f"{module}.lora.B"]
+    return np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+
+
+def _scale(method: Any, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> float:
+    if hasattr(method, "scale"):
+        return float(method.scale(module, target, config))
+    r, alpha = int(target["r"]), float(target["alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _combine_factors(module: str, parts: list[tuple[np.ndarray, np.ndarray, float]], strategy: str,
+                     density: float | None, rng: np.random.Generator | None,
+                     sign_method: str) -> tuple[np.ndarray, np.ndarray]:
+    ranks = sorted({a.shape[0] for a, _, _ in parts})
+    if len(ranks) > 1:
+        raise UsageError(
+            f"strategy {strategy} combines the A and B factors entry by entry, so a module's ranks must be equal",
+            location=module, found=ranks, hint="use --strategy cat (exact, ranks add up) or svd (choose the rank)",
+            code="rank_mismatch")
+    # weight * scale is split over the two factors: sqrt on each side, the sign on A's.
+    weights_a = np.array([math.copysign(math.sqrt(abs(c)), 1.0 if c >= 0 else -1.0) for _, _, c in parts], np.float32)
+    weights_b = np.array([math.sqrt(abs(c)) for _, _, c in parts], np.float32)
+    out = []
+    for tensors, w in (([a for a, _, _ in parts], weights_a), ([b for _, b, _ in parts], weights_b)):
+        if strategy == "linear":
+            out.append(cm.weighted_sum(tensors, w))
+        elif strategy == "ties":
+            out.append(cm.ties(tensors, w, density, sign_method))  # type: ignore[arg-type]
+        elif strategy == "magnitude_prune":
+            out.append(cm.magnitude_prune(tensors, w, density))  # type: ignore[arg-type]
+        elif strategy == "dare_linear":
+            out.append(cm.dare_linear(tensors, w, density, rng))  # type: ignore[arg-type]
+        else:
+            out.append(cm.dare_ties(tensors, w, density, rng, sign_method))  # type: ignore[arg-type]
+    return out[0].astype(np.float32, copy=False), out[1].astype(np.float32, copy=False)
+
+
+# ---- the output manifest ---------------------------------------------------------
+
+def _common(values: list[Any]) -> Any:
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def _common_dtype(adapters: list[Adapter]) -> str:
+    dtypes = {a.manifest.dtype for a in adapters}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in ("float32", "float16", "bfloat16") else "float32"
+
+
+def _output_config(method: Any, adapters: list[Adapter], targets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    ranks = collections.Counter(int(t["r"]) for t in targets.values())
+    r = ranks.most_common(1)[0][0]
+    config: dict[str, Any] = {"r": r, "alpha": r}
+    selection = {(repr(a.config.get("target_modules")), repr(a.config.get("layers_to_transform"))) for a in adapters}
+    first = adapters[0].config
+    if len(selection) == 1 and all(set(a.targets) == set(targets) for a in adapters) and "target_modules" in first:
+        config["target_modules"] = first["target_modules"]
+        if first.get("layers_to_transform") is not None:
+            config["layers_to_transform"] = first["layers_to_transform"]
+    else:
+        config["target_modules"] = sorted(targets)
+    dropout = _common([a.config.get("dropout", 0.0) for a in adapters])
+    if dropout:
+        config["dropout"] = dropout
+    return method.minimal_config(method.resolve_config(config))
+
+
+def _source_record(adapter: Adapter) -> dict[str, Any]:
+    record: dict[str, Any] = {"method": adapter.method, "format": adapter.source_format}
+    if adapter.source is not None:
+        record["path"] = str(adapter.source)
+    for key in ("name", "fingerprint"):
+        if adapter.manifest.base_model.get(key):
+            record[f"base_{key}"] = adapter.manifest.base_model[key]
+    record["fingerprint"] = targets_fingerprint(adapter.targets)
+    files = {name: entry["sha256"] for name, entry in adapter.manifest.tensors.items() if "sha256" in entry}
+    if files and adapter.source_format == "adapterkit":
+        record["sha256"] = files
+    else:
+        record["tensors_sha256"] = _tensors_sha256(adapter)
+    return record
+
+
+def _tensors_sha256(adapter: Adapter) -> str:
+    """sha256 of the canonical safetensors bytes of the tensors (= the native file's sha256)."""
+    from .native import SAFETENSORS_METADATA
+    from .safetensors_io import serialize
+
+    return hashlib.sha256(serialize(adapter.tensors, SAFETENSORS_METADATA)).hexdigest()
+
+
+def _record_composition(manifest: Manifest, composition: dict[str, Any]) -> None:
+    """Put the composition in provenance.composition (annotations until the schema knows that field)."""
+    from .manifest import schema
+
+    known = schema()["properties"]["provenance"].get("properties", {})
+    if "composition" in known:
+        manifest.provenance["composition"] = composition
+    else:
+        manifest.annotations["adapterkit.composition"] = composition
+
+
+def _created_by() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"adapterkit {version('adapterkit')} (compose)"
+    except Exception:  # pragma: no cover - not installed
+        return "adapterkit (compose)"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
