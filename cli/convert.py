@@ -24,9 +24,8 @@ def command(src: str, dst: str, from_format: str | None, to_format: str, base: s
     is either absent or complete. A conversion the target cannot express
     exactly is refused with a message saying what would be lost.
     """
-    from adapterkit.core.api import load, save
+    from adapterkit.core.api import convert
 
     options = {**parse_format_options(format_option), **({"base": base} if base else {})}
-    adapter = load(src, from_format, **options)
-    save(adapter, dst, to_format, overwrite=overwrite, **options)
-    click.echo(f"wrote {dst} ({to_format}, {adapter.method}, {len(adapter.targets)} targets, from {adapter.source_format})")
+    convert(src, dst, to_format, from_format=from_format, overwrite=overwrite, **options)
+    click.echo(f"wrote {dst} ({to_format})")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter
-from .errors import AdapterkitError, FormatError
+from .errors import AdapterkitError, FormatError, UsageError
 from .io import atomic_directory
 from .plugins import Registry, default_registry
 from .validate import ValidationReport, check_base, check_native, check_tensors
@@ -96,12 +96,34 @@ def convert(
 ) -> Path:
     """Read ``src`` (any format) and write it to ``dst`` in format ``to``.
 
-    ``options`` (e.g. ``base=`` a local HF folder) go to both the reader and the writer;
-    each format takes the ones it knows (docs/formats.md lists them).
+    Each option goes to the reader and / or the writer that declares it
+    (``Format.read_options`` / ``write_options``); an option neither takes is an error.
     """
     registry = registry or default_registry()
-    adapter = load(src, from_format, registry=registry, **options)
-    return save(adapter, dst, to, overwrite=overwrite, registry=registry, **options)
+    source = registry.format(from_format or detect_format(src, registry))
+    target = registry.format(to)
+    read_opts, write_opts = route_options(options, source, target)
+    adapter = load(src, source.name, registry=registry, **read_opts)
+    return save(adapter, dst, to, overwrite=overwrite, registry=registry, **write_opts)
+
+
+def route_options(options: dict[str, Any], source: Any, target: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split options between a reader and a writer by the names each declares."""
+
+    def accepts(declared: tuple[str, ...] | None, key: str) -> bool:
+        return declared is None or key in declared
+
+    read_opts = {k: v for k, v in options.items() if accepts(source.read_options, k)}
+    write_opts = {k: v for k, v in options.items() if accepts(target.write_options, k)}
+    unused = sorted(set(options) - set(read_opts) - set(write_opts))
+    if unused:
+        known = sorted({*(source.read_options or ()), *(target.write_options or ())})
+        raise UsageError(
+            f"option {unused[0]!r} is taken by neither the {source.name} reader nor the {target.name} writer",
+            expected=known, found=unused, hint="check the spelling (docs/formats.md lists each format's options)",
+            code="bad_option",
+        )
+    return read_opts, write_opts
 
 
 def validate(
@@ -129,7 +151,9 @@ def validate(
     else:
         try:
             fmt = registry.format(report.format)
-            read_options = {**options, **({"base": base} if base is not None else {})}
+            read_options = dict(options)
+            if base is not None and (fmt.read_options is None or "base" in fmt.read_options):
+                read_options["base"] = base  # the reader may need the base's config
             adapter = fmt.read(path, registry=registry, **read_options)
         except AdapterkitError as exc:
             report.error(exc)

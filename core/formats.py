@@ -22,6 +22,10 @@ class Format(ABC):
     #: whether the reader / writer exist
     can_read: bool = True
     can_write: bool = True
+    #: option names ``read`` / ``write`` accept (``convert`` routes ``-O`` options by them);
+    #: None means undeclared: every option is passed
+    read_options: tuple[str, ...] | None = None
+    write_options: tuple[str, ...] | None = None
 
     @abstractmethod
     def detect(self, path: Path) -> bool:

@@ -46,6 +46,8 @@ _LEAVES = ("lora_a", "lora_b")
 
 class MlxFormat(Format):
     name = "mlx"
+    read_options = ("base",)
+    write_options = ("base",)
     description = "Apple mlx-lm LoRA adapter (adapters.safetensors + adapter_config.json)"
 
     def detect(self, path: Path) -> bool:

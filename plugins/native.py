@@ -13,6 +13,8 @@ from adapterkit.core.manifest import MANIFEST_NAME
 
 class NativeFormat(Format):
     name = "adapterkit"
+    read_options = ()
+    write_options = ()
     description = "adapterkit folder: versioned adapter.json manifest + canonical safetensors"
 
     def detect(self, path: Path) -> bool:

@@ -51,6 +51,8 @@ _NEEDS_BASE = "pass the base model (--base BASE, or base=...): a local Hugging F
 
 class TorchtuneFormat(Format):
     name = "torchtune"
+    read_options = ("base", "alpha", "permute_qk")
+    write_options = ("base", "permute_qk")
     description = "torchtune LoRA checkpoint (adapter_model.pt with torchtune keys + adapter_config.json)"
 
     def detect(self, path: Path) -> bool:

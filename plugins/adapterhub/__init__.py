@@ -22,6 +22,8 @@ __all__ = ["AdapterHubFormat", "adapterkit_register_formats"]
 
 class AdapterHubFormat(Format):
     name = "adapterhub"
+    read_options = ()
+    write_options = ("base", "name", "weights")
     description = ("AdapterHub adapters folder (adapter_config.json + pytorch_adapter.bin / adapter.safetensors): "
                    "LoRA, seq_bn, double_seq_bn, par_bn")
 

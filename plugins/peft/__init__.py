@@ -22,6 +22,8 @@ from . import detect as _detect
 
 class PeftFormat(Format):
     name = "peft"
+    read_options = ("base",)
+    write_options = ("base",)
     description = ("Hugging Face PEFT folder (adapter_config.json + adapter_model.safetensors/.bin): "
                    "LoRA, prompt tuning, prefix tuning")
 
