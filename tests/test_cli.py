@@ -287,7 +287,7 @@ def test_console_script_plugins_json_reports_a_broken_distribution(tmp_path):
     entries = {e["name"]: e for e in json.loads(result.stdout)}
     assert entries["fakeplug"]["distribution"] == "fakeplug"
     assert "ModuleNotFoundError" in entries["fakeplug"]["errors"][0]
-    assert entries["lora"]["errors"] == [] and entries["lora"]["methods"] == ["lora"]
+    assert entries["lora"]["errors"] == [] and entries["lora"]["methods"] == ["lora", "dora", "qlora"]
 
 
 # ---- bugs and interrupts -----------------------------------------------------------

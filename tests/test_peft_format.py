@@ -387,7 +387,7 @@ def test_base_changing_init_warns(llama_folder, tmp_path):
 
 CONFIG_REFUSALS = [
     ({"peft_type": "IA3"}, FormatError, r"\$\.peft_type"),
-    ({"use_dora": True}, LossyConversionError, r"\$\.use_dora.*DoRA.*later"),
+    ({"use_dora": True}, FormatError, r"use_dora is true but .* no DoRA magnitude"),
     ({"modules_to_save": ["lm_head"]}, LossyConversionError, r"\$\.modules_to_save"),
     ({"bias": "all"}, LossyConversionError, r"\$\.bias.*biases"),
     ({"lora_bias": True}, LossyConversionError, r"\$\.lora_bias"),

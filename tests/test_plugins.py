@@ -273,7 +273,7 @@ def test_built_in_plugins_load_cleanly_from_entry_points():
         info = registry.plugins[name]
         assert info.distribution == "adapterkit" and info.version == adapterkit.__version__
     assert registry.plugins["adapterkit"].formats == ["adapterkit"]
-    assert registry.plugins["lora"].methods == ["lora"]
+    assert registry.plugins["lora"].methods == ["lora", "dora", "qlora"]
     json.dumps([info.to_dict() for info in registry.plugins.values()])
 
 

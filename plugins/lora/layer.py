@@ -1,15 +1,24 @@
-"""The torch wrapper that adds LoRA adapters to a linear module.
+"""The torch wrapper that adds LoRA-family adapters (LoRA, DoRA, QLoRA) to a linear module.
 
 :class:`LoraLayer` keeps the original module as ``base_layer`` and holds each
 named adapter's A ``[r, in]`` and B ``[out, r]`` in name-keyed dicts, so several
-adapters live in one model and merge / unmerge one at a time.
+adapters live in one model and merge / unmerge one at a time. Each adapter
+belongs to one method (``self.method[name]``): ``lora`` and ``qlora`` add
+``scale * B @ A``; ``dora`` also holds a magnitude vector ``m`` ``[out]``
+(``lora_magnitude``) and rescales each output row (:mod:`.dora_math`). The
+base may be a bitsandbytes 4-bit ``Linear4bit`` (QLoRA, :mod:`.quant`).
 
-Merging folds ``scale * B @ A`` (float32 math) into the base weight in place.
-Exactness: before the first merge the layer keeps a copy of the original
-weight (a non-persistent buffer); the weight is then always recomputed as
-``original + sum of the merged deltas``, so unmerging the last adapter restores
-the original bits and merging twice changes nothing. Disabling a merged layer
-puts the original weight back until it is enabled again.
+Merging folds the adapters into the base weight in place, in merge order:
+``W += scale * B @ A`` for LoRA, ``W = (m / ||W0 + dW||_row) * (W + dW)`` for
+DoRA (``W0`` the unmerged base, PEFT's rule). Exactness: before the first merge
+the layer keeps a copy of the original weight (a non-persistent buffer); the
+weight is then always recomputed from ``original`` and the merged adapters, so
+unmerging the last adapter restores the original bits and merging twice
+changes nothing. A 4-bit base cannot take a merge in place: the layer swaps in
+a dense ``nn.Linear`` holding ``dequantised W`` + the merged updates and keeps
+the ``Linear4bit`` aside (outside the module tree), so unmerging puts the very
+same 4-bit module back (bit for bit). Disabling a method's adapters takes
+their merged updates out of the weight until they are enabled again.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dora_math, quant
 from .targeting import in_out_features
 
 LINEAR = "linear"
@@ -35,7 +45,10 @@ def _conv1d_type() -> type | None:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d"`` (transformers Conv1D, weight ``[in, out]``) or None if unsupported."""
+    """``"linear"``, ``"conv1d"`` (transformers Conv1D, weight ``[in, out]``) or None if unsupported.
+
+    A bitsandbytes ``Linear4bit`` is an ``nn.Linear`` subclass: ``"linear"`` (its weight is used in ``[out, in]``).
+    """
     if isinstance(module, nn.Linear):
         return LINEAR
     conv1d = _conv1d_type()
@@ -44,8 +57,23 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
+def describe(module: nn.Module) -> tuple[str, list[int]] | None:
+    """(kind, stored weight shape) of the *original* module, as an adapter's target records it.
+
+    A module quantised by :func:`quant.quantize_module` reports what it replaced
+    (a GPT-2 Conv1D stays ``conv1d`` ``[in, out]``); another 4-bit linear reports
+    ``linear`` ``[out, in]``.
+    """
+    if quant.is_quantized(module):
+        return quant.source_of(module)
+    kind = module_kind(module)
+    if kind is None:
+        return None
+    return kind, list(module.get_parameter("weight").shape)
+
+
 class LoraLayer(nn.Module):
-    """A linear or Conv1D module plus any number of named LoRA adapters."""
+    """A linear or Conv1D module (optionally 4-bit) plus any number of named LoRA-family adapters."""
 
     weight_before_merge: torch.Tensor | None
 
@@ -56,16 +84,23 @@ class LoraLayer(nn.Module):
             raise TypeError(f"LoRA cannot wrap a {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.kind = kind
-        self.in_features, self.out_features = in_out_features(kind, tuple(self.base_weight.shape))
+        if quant.is_quantized(base_layer):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            self.in_features, self.out_features = in_out_features(kind, tuple(self.base_weight.shape))
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only: m [out]
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scale: dict[str, float] = {}
+        self.method: dict[str, str] = {}  # adapter name -> method id ("lora", "dora", "qlora")
         self.merged: list[str] = []  # adapter names folded into the weight, in merge order
-        self.enabled = True
+        self.disabled_methods: set[str] = set()
         self.register_buffer("weight_before_merge", None, persistent=False)
+        # the 4-bit base while a dense merged copy stands in for it (kept out of the module tree)
+        self.__dict__["quantized_base"] = None
 
     def __getattr__(self, name: str) -> Any:
         # Callers of the wrapped module (weight, bias, nf, in_features...) still find its attributes.
@@ -78,14 +113,30 @@ class LoraLayer(nn.Module):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        """The wrapped module's weight (``[out, in]``, or ``[in, out]`` for Conv1D)."""
+        """The wrapped module's weight (``[out, in]``, or ``[in, out]`` for Conv1D; packed for 4-bit)."""
         weight = self.base_layer.weight
         assert isinstance(weight, torch.Tensor)
         return weight
 
+    @property
+    def enabled(self) -> bool:
+        """True when no method's adapters are disabled in this layer."""
+        return not self.disabled_methods
+
+    def dense_weight(self) -> torch.Tensor:
+        """The current base weight as a dense ``[out, in]`` tensor (dequantised for a 4-bit base)."""
+        if quant.is_quantized(self.base_layer):
+            return quant.dequantize(self.base_layer)
+        weight = self.base_weight
+        return weight.T if self.kind == CONV1D else weight
+
     # ---- adapters ---------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init: str = "default") -> None:
-        """Create adapter ``name`` with fresh A (random) and B (zeros): the output is unchanged."""
+    def add_adapter(self, name: str, r: int, alpha: float, scale: float, dropout: float = 0.0, init: str = "default",
+                    method: str = "lora") -> None:
+        """Create adapter ``name`` with fresh A (random) and B (zeros): the output is unchanged.
+
+        A ``dora`` adapter also gets its magnitude ``m = ||W||_row`` (the norm of ``W + scale * B @ A`` with B = 0).
+        """
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         weight = self.base_weight
@@ -98,11 +149,23 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
         self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
-        self.r[name], self.alpha[name], self.scale[name] = r, alpha, scale
+        self.r[name], self.alpha[name], self.scale[name], self.method[name] = r, alpha, scale, method
+        if method == "dora":
+            with torch.no_grad():
+                lora_weight = self.lora_B[name] @ self.lora_A[name]
+                norm = dora_math.weight_norm(self.dense_weight().to(dtype), lora_weight, scale)
+            self.lora_magnitude[name] = nn.Parameter(norm.detach().clone())
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """The parameters of adapter ``name`` by canonical param name (``A``, ``B``, and DoRA's ``magnitude``)."""
+        params = {"A": self.lora_A[name], "B": self.lora_B[name]}
+        if name in self.lora_magnitude:
+            params["magnitude"] = self.lora_magnitude[name]
+        return params
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale * B @ A`` in float32 (or float64), in the stored weight's orientation."""
@@ -111,17 +174,27 @@ class LoraLayer(nn.Module):
         delta = (b.detach().to(dtype) @ a.detach().to(dtype)) * self.scale[name]
         return delta.T if self.kind == CONV1D else delta
 
+    def is_active(self, name: str) -> bool:
+        return self.method.get(name, "lora") not in self.disabled_methods
+
     # ---- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if not self.enabled:
-            return result
+        base_out = self.base_layer(x, *args, **kwargs)
+        result = base_out
         for name in self.lora_A:
-            if name in self.merged:
+            if name in self.merged or not self.is_active(name):
                 continue
             a = self.lora_A[name].to(x.dtype)
             b = self.lora_B[name].to(x.dtype)
-            delta = nn.functional.linear(nn.functional.linear(self.lora_dropout[name](x), a), b) * self.scale[name]
+            dropout = self.lora_dropout[name]
+            if name in self.lora_magnitude:
+                extra = dora_math.forward_extra(
+                    x, a, b, self.lora_magnitude[name], self.scale[name], self.dense_weight(),
+                    getattr(self.base_layer, "bias", None), base_out, dropout,
+                )
+                result = result + extra.to(result.dtype)
+                continue
+            delta = nn.functional.linear(nn.functional.linear(dropout(x), a), b) * self.scale[name]
             result = result + delta.to(result.dtype)
         return result
 
@@ -140,12 +213,36 @@ class LoraLayer(nn.Module):
             self.merged.remove(name)
             self.sync_weight()
 
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def set_enabled(self, enabled: bool, method: str | None = None) -> None:
+        """Turn the adapters of ``method`` (every method when None) on or off."""
+        if method is None:
+            self.disabled_methods = set() if enabled else {"lora", *self.method.values()}
+        elif enabled:
+            self.disabled_methods.discard(method)
+        else:
+            self.disabled_methods.add(method)
         self.sync_weight()
 
+    def _merged_total(self, original: torch.Tensor) -> torch.Tensor:
+        """``original`` (stored orientation) with every active merged adapter folded in, in merge order."""
+        total = original.to(torch.promote_types(original.dtype, torch.float32))
+        for name in self.merged:
+            if not self.is_active(name):
+                continue
+            delta = self.delta_weight(name).to(device=total.device, dtype=total.dtype)
+            if name in self.lora_magnitude:
+                factor = dora_math.merge_factor(original.to(total.dtype), delta, self.lora_magnitude[name],
+                                                self.kind == CONV1D)
+                total = factor * (total + delta)
+            else:
+                total = total + delta
+        return total
+
     def sync_weight(self) -> None:
-        """Set the base weight to ``original + merged deltas`` (just ``original`` when disabled)."""
+        """Set the base weight to ``original`` + the active merged adapters (just ``original`` when none)."""
+        if self.quantized_base is not None or quant.is_quantized(self.base_layer):
+            self._sync_quantized()
+            return
         weight = self.base_weight
         with torch.no_grad():
             if not self.merged:
@@ -156,24 +253,35 @@ class LoraLayer(nn.Module):
             if self.weight_before_merge is None:
                 self.weight_before_merge = weight.detach().clone()
             original = self.weight_before_merge
-            if not self.enabled:
+            if not any(self.is_active(n) for n in self.merged):
                 weight.copy_(original)
                 return
-            total = original.to(torch.promote_types(original.dtype, torch.float32))
-            for name in self.merged:
-                total = total + self.delta_weight(name).to(device=total.device, dtype=total.dtype)
-            weight.copy_(total.to(weight.dtype))
+            weight.copy_(self._merged_total(original).to(weight.dtype))
+
+    def _sync_quantized(self) -> None:
+        """4-bit base: a dense ``nn.Linear`` (dequantised W + merges) while merged, the 4-bit module otherwise."""
+        quantized = self.quantized_base if self.quantized_base is not None else self.base_layer
+        if not any(self.is_active(n) for n in self.merged):
+            if self.quantized_base is not None:
+                self.base_layer = quantized
+                self.__dict__["quantized_base"] = None
+            return
+        with torch.no_grad():
+            total = self._merged_total(quant.dequantize(quantized).float())
+            self.base_layer = quant.dense_linear(quantized, total)
+        self.__dict__["quantized_base"] = quantized
 
     def release(self) -> nn.Module:
         """The base module with merged adapters kept folded in; the wrapper is not usable after."""
-        self.enabled = True
+        self.disabled_methods = set()
         self.sync_weight()
         self.weight_before_merge = None
+        self.__dict__["quantized_base"] = None
         return self.base_layer
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}(r={self.r[n]}, alpha={self.alpha[n]})" for n in self.lora_A)
-        return f"kind={self.kind}, adapters=[{adapters}], merged={self.merged}, enabled={self.enabled}"
+        adapters = ", ".join(f"{n}({self.method[n]}, r={self.r[n]}, alpha={self.alpha[n]})" for n in self.lora_A)
+        return f"kind={self.kind}, adapters=[{adapters}], merged={self.merged}, disabled={sorted(self.disabled_methods)}"
 
 
 # ---- model-level helpers ----------------------------------------------------

@@ -64,7 +64,7 @@ class LoraMethod(Method):
     def expected_tensors(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         r, _ = _target_hparams(module, target, config)
         fan_in, fan_out = in_out_features(target.get("kind", "linear"), target["shape"])
-        return {f"{module}.lora.A": (r, fan_in), f"{module}.lora.B": (fan_out, r)}
+        return {f"{module}.{self.name}.A": (r, fan_in), f"{module}.{self.name}.B": (fan_out, r)}
 
     def check_target(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
         problems = []
@@ -91,11 +91,7 @@ class LoraMethod(Method):
 
         ``tensors`` may be keyed canonically (``<module>.lora.A``) or by param (``A``).
         """
-        a = tensors.get(f"{module}.lora.A", tensors.get("A"))
-        b = tensors.get(f"{module}.lora.B", tensors.get("B"))
-        if a is None or b is None:
-            raise TensorFileError(f"LoRA tensors of {module} are missing", location=module,
-                                  expected=[f"{module}.lora.A", f"{module}.lora.B"], found=sorted(tensors), code="missing_tensor")
+        a, b = self._a_b(module, tensors)
         scale = np.float32(self.scale(module, target, config))
         delta = ((np.asarray(b, dtype=np.float32) @ np.asarray(a, dtype=np.float32)) * scale).astype(np.float32, copy=False)
         return np.ascontiguousarray(delta.T if target.get("kind") == "conv1d" else delta)
@@ -105,90 +101,138 @@ class LoraMethod(Method):
                targets: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
         from .layer import LoraLayer, wrap
 
-        config = validate_config(config)
+        config = self.resolve_config(config)
         _check_adapter_name(adapter_name)
         plan = _plan_from_targets(model, targets, config) if targets is not None else _plan_from_config(model, config)
         for path, (module, _) in plan.items():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
                 raise UsageError(f"module {path} already holds a LoRA adapter named {adapter_name!r}",
                                  hint="inject under another name", code="duplicate_adapter")
+        self.prepare_model(model, config, list(plan))
         keep_trainable = _adapter_parameter_ids(model)
         for param in model.parameters():
             if id(param) not in keep_trainable:
                 param.requires_grad_(False)
-        for path, (module, entry) in plan.items():
-            layer = wrap(model, path, module)
+        for path, (_, entry) in plan.items():
+            layer = wrap(model, path, model.get_submodule(path))
             r, alpha = entry["r"], entry["alpha"]
             scale = lora_scale(r, alpha, config["use_rslora"])
-            layer.add_adapter(adapter_name, r, alpha, scale, config["dropout"], config["init"])
-            for param in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+            layer.add_adapter(adapter_name, r, alpha, scale, config["dropout"], config["init"], method=self.name)
+            for param in layer.adapter_params(adapter_name).values():
                 param.requires_grad_(True)
         return {path: entry for path, (_, entry) in plan.items()}
+
+    def prepare_model(self, model: torch.nn.Module, config: Mapping[str, Any], paths: list[str]) -> None:
+        """Change the base before the adapters are added (QLoRA quantises it); LoRA leaves it alone."""
 
     def load_state(self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
         import torch
 
-        from .layer import lora_layers
-
-        params = _named_adapter_params(model, adapter_name)
+        params = self._named_params(model, adapter_name)
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
             raise TensorFileError(
-                f"LoRA tensors do not match the injected adapter {adapter_name!r}: "
+                f"{self.label} tensors do not match the injected adapter {adapter_name!r}: "
                 f"{len(missing)} missing, {len(unexpected)} unexpected",
                 expected={"missing": missing}, found={"unexpected": unexpected},
-                hint="the tensors must be the canonical <module>.lora.A / .lora.B of exactly the adapted modules",
+                hint=f"the tensors must be the canonical <module>.{self.name}.{{{','.join(self.params)}}} "
+                     "of exactly the adapted modules",
                 code="tensor_mismatch",
             )
         for key, param in params.items():
             if tuple(tensors[key].shape) != tuple(param.shape):
-                raise TensorFileError("LoRA tensor has the wrong shape", location=key, expected=list(param.shape),
+                raise TensorFileError(f"{self.label} tensor has the wrong shape", location=key, expected=list(param.shape),
                                       found=list(tensors[key].shape), code="tensor_shape")
         with torch.no_grad():
             for key, param in params.items():
                 param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
-        for _, layer in lora_layers(model, adapter_name):
+        for _, layer in self._layers_of(model, adapter_name):
             if adapter_name in layer.merged:
                 layer.sync_weight()
 
     def extract_state(self, model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        return {key: param.detach().clone() for key, param in _named_adapter_params(model, adapter_name).items()}
+        return {key: param.detach().clone() for key, param in self._named_params(model, adapter_name).items()}
 
     def trainable_parameters(self, model: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-        return list(_named_adapter_params(model, adapter_name).values())
+        return list(self._named_params(model, adapter_name).values())
 
     def set_enabled(self, model: torch.nn.Module, enabled: bool) -> None:
         from .layer import lora_layers
 
         for _, layer in lora_layers(model):
-            layer.set_enabled(enabled)
+            if self.name in layer.method.values():
+                layer.set_enabled(enabled, method=self.name)
 
     def merge(self, model: torch.nn.Module, adapter_name: str = "default") -> None:
-        for _, layer in _layers_of(model, adapter_name):
+        for _, layer in self._layers_of(model, adapter_name):
             layer.merge(adapter_name)
 
     def unmerge(self, model: torch.nn.Module, adapter_name: str = "default") -> None:
-        for _, layer in _layers_of(model, adapter_name):
+        for _, layer in self._layers_of(model, adapter_name):
             layer.unmerge(adapter_name)
 
     def unload(self, model: torch.nn.Module) -> torch.nn.Module:
         """Put every base module back; merged adapters stay folded in (merge + unload = a merged model).
 
-        The model's LoRA handles (``adapterkit.core.session.attached``) are dropped with the wrappers.
+        The model's handles of this method (``adapterkit.core.session.attached``) are dropped with the
+        wrappers. A wrapper that also holds adapters of another LoRA-family method is refused, untouched.
         """
         from adapterkit.core.session import attached, detach
 
         from .layer import lora_layers, replace_module
 
+        layers = [(path, layer) for path, layer in lora_layers(model) if self.name in layer.method.values()]
+        for path, layer in layers:
+            others = sorted({m for m in layer.method.values() if m != self.name})
+            if others:
+                raise UsageError(f"module {path} also holds {', '.join(others)} adapters; unload those first",
+                                 location=path, code="mixed_adapters")
         for name in [name for name, injected in attached(model).items() if injected.method.name == self.name]:
             detach(model, name)
-        for path, layer in lora_layers(model):
+        for path, layer in layers:
             base = layer.release()
             if path:
                 replace_module(model, path, base)
             else:
                 model = base
         return model
+
+    # ---- torch helpers ------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}.get(self.name, self.name)
+
+    #: canonical param names of one adapted module
+    params: tuple[str, ...] = ("A", "B")
+
+    def _layers_of(self, model: torch.nn.Module, adapter_name: str) -> list[tuple[str, Any]]:
+        from .layer import lora_layers
+
+        layers = lora_layers(model, adapter_name)
+        if not layers:
+            raise UsageError(f"the model holds no {self.label} adapter named {adapter_name!r}", code="unknown_adapter")
+        other = next((layer.method[adapter_name] for _, layer in layers if layer.method[adapter_name] != self.name), None)
+        if other is not None:
+            raise UsageError(f"adapter {adapter_name!r} is a {other} adapter, not {self.name}",
+                             hint=f"use the {other} method's handle", code="unknown_adapter")
+        return layers
+
+    def _named_params(self, model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+        params = {}
+        for path, layer in self._layers_of(model, adapter_name):
+            for param_name, param in layer.adapter_params(adapter_name).items():
+                params[f"{path}.{self.name}.{param_name}"] = param
+        return params
+
+    def _a_b(self, module: str, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """A and B of ``module`` from tensors keyed canonically or by param name."""
+        a = tensors.get(f"{module}.{self.name}.A", tensors.get("A"))
+        b = tensors.get(f"{module}.{self.name}.B", tensors.get("B"))
+        if a is None or b is None:
+            raise TensorFileError(f"{self.label} tensors of {module} are missing", location=module,
+                                  expected=[f"{module}.{self.name}.A", f"{module}.{self.name}.B"], found=sorted(tensors),
+                                  code="missing_tensor")
+        return a, b
 
 
 # ---- torch helpers (called only from the torch methods above) ---------------
@@ -199,22 +243,22 @@ def _check_adapter_name(name: str) -> None:
 
 
 def _plan_from_config(model: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
-    from .layer import LoraLayer, module_kind
+    from .layer import LoraLayer, describe
     from .targeting import select_modules
 
     plan = {}
     for path, module in select_modules(model, config).items():
         base = module.base_layer if isinstance(module, LoraLayer) else module
+        kind, shape = describe(base)  # select_modules let only linear / Conv1D modules through
         r, alpha = module_hparams(path, config)
-        entry = {"kind": module_kind(base), "shape": _weight_shape(base), "r": r, "alpha": alpha}
-        plan[path] = (module, entry)
+        plan[path] = (module, {"kind": kind, "shape": shape, "r": r, "alpha": alpha})
     return plan
 
 
 def _plan_from_targets(model: torch.nn.Module, targets: Mapping[str, Mapping[str, Any]],
                        config: Mapping[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
     """Check every recorded target against the model before anything is wrapped."""
-    from .layer import LoraLayer, module_kind
+    from .layer import LoraLayer, describe
 
     hint = "apply the adapter to the base model it was made for"
     plan = {}
@@ -226,11 +270,12 @@ def _plan_from_targets(model: torch.nn.Module, targets: Mapping[str, Mapping[str
         if module is None:
             raise BaseModelError(f"module {path} not found in the model", location=path, hint=hint, code="missing_module")
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        kind = module_kind(base)
+        found = describe(base)
+        kind = found[0] if found else None
         if kind is None or kind != target.get("kind", kind):
             raise BaseModelError(f"module {path} is not of the recorded kind", location=path,
                                  expected=target.get("kind"), found=kind or type(base).__name__, hint=hint, code="kind_mismatch")
-        shape = _weight_shape(base)
+        shape = found[1]
         if shape != list(target["shape"]):
             raise BaseModelError(f"module {path}: base weight shape differs from the adapter's", location=path,
                                  expected=list(target["shape"]), found=shape, hint=hint, code="shape_mismatch")
@@ -241,34 +286,13 @@ def _plan_from_targets(model: torch.nn.Module, targets: Mapping[str, Mapping[str
     return plan
 
 
-def _weight_shape(module: torch.nn.Module) -> list[int]:
-    return list(module.get_parameter("weight").shape)
-
-
-def _layers_of(model: torch.nn.Module, adapter_name: str) -> list[tuple[str, Any]]:
-    from .layer import lora_layers
-
-    layers = lora_layers(model, adapter_name)
-    if not layers:
-        raise UsageError(f"the model holds no LoRA adapter named {adapter_name!r}", code="unknown_adapter")
-    return layers
-
-
-def _named_adapter_params(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    params = {}
-    for path, layer in _layers_of(model, adapter_name):
-        params[f"{path}.lora.A"] = layer.lora_A[adapter_name]
-        params[f"{path}.lora.B"] = layer.lora_B[adapter_name]
-    return params
-
-
 def _adapter_parameter_ids(model: torch.nn.Module) -> set[int]:
     """Parameters of adapters already in the model (any method): injection leaves them as they are."""
     from adapterkit.core.session import attached
 
     from .layer import lora_layers
 
-    ids = {id(p) for _, layer in lora_layers(model) for p in (*layer.lora_A.values(), *layer.lora_B.values())}
+    ids = {id(p) for _, layer in lora_layers(model) for name in layer.lora_A for p in layer.adapter_params(name).values()}
     for injected in attached(model).values():
         ids.update(id(p) for p in injected.parameters())
     return ids

@@ -33,17 +33,30 @@ TASKS: dict[str, str] = {
 TASK_TYPES: dict[str, str] = {task: task_type for task_type, task in TASKS.items()}
 
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+# DoRA's magnitude: PEFT strips the in-memory ".weight" when saving; older files kept it
+_MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?")
+MAGNITUDE = "magnitude"
+#: safetensors __metadata__ keys adapterkit adds (PEFT ignores them): the method and its quantisation
+METHOD_METADATA = "adapterkit.method"
+QUANTIZATION_METADATA = "adapterkit.quantization"
 
 
 def split_lora_key(key: str) -> tuple[str, str] | None:
-    """``base_model.model.<module>.lora_A.weight`` -> (module, "A"); None for any other key."""
+    """``base_model.model.<module>.lora_A.weight`` -> (module, "A"); a DoRA
+    ``<module>.lora_magnitude_vector`` -> (module, "magnitude"); None for any other key."""
     if not key.startswith(KEY_PREFIX):
         return None
-    match = _LORA_KEY.fullmatch(key[len(KEY_PREFIX):])
-    return (match["module"], match["which"]) if match else None
+    rest = key[len(KEY_PREFIX):]
+    match = _LORA_KEY.fullmatch(rest)
+    if match:
+        return match["module"], match["which"]
+    match = _MAGNITUDE_KEY.fullmatch(rest)
+    return (match["module"], MAGNITUDE) if match else None
 
 
 def lora_key(module: str, which: str) -> str:
+    if which == MAGNITUDE:
+        return f"{KEY_PREFIX}{module}.lora_magnitude_vector"
     return f"{KEY_PREFIX}{module}.lora_{which}.weight"
 
 

@@ -1,14 +1,21 @@
 """Read a PEFT LoRA folder into adapterkit's canonical layout.
 
 Tensors are taken over byte for byte (no dtype change): ``lora_A`` [r, in] is
-``<module>.lora.A`` and ``lora_B`` [out, r] is ``<module>.lora.B``. Anything
-PEFT can express that a plain LoRA cannot (DoRA, biases, modules_to_save,
+``<module>.lora.A`` and ``lora_B`` [out, r] is ``<module>.lora.B``. A DoRA
+adapter (``use_dora: true``) becomes method ``dora``: ``<module>.dora.A``,
+``.dora.B`` and ``.dora.magnitude`` (PEFT's ``lora_magnitude_vector`` [out]).
+A folder adapterkit wrote from a ``qlora`` adapter carries the method and its
+quantisation in the safetensors ``__metadata__`` (PEFT ignores it) and reads
+back as ``qlora``; any other PEFT LoRA (a QLoRA trained by PEFT included: PEFT
+stores it as plain LoRA and keeps no quantisation) reads as ``lora``.
+Anything PEFT can express that these cannot (biases, modules_to_save,
 embedding LoRA, other LoRA variants) is refused with a message saying what
 would be lost; nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,12 +32,12 @@ from adapterkit.core.io import read_json
 from adapterkit.core.manifest import Manifest
 
 from .detect import (
-    BIN_NAME, CONFIG_NAME, TASKS, adapter_folder, is_lora_config, module_r_alpha, split_lora_key, weights_file,
+    BIN_NAME, CONFIG_NAME, MAGNITUDE, METHOD_METADATA, QUANTIZATION_METADATA, TASKS, adapter_folder, is_lora_config,
+    module_r_alpha, split_lora_key, weights_file,
 )
 
 # Config fields whose non-default value changes the math or adds weights a plain LoRA cannot hold.
 _VARIANTS = {
-    "use_dora": "DoRA (a per-module magnitude vector); DoRA support comes in a later release",
     "velora_config": "VeLoRA", "alora_invocation_tokens": "activated LoRA (aLoRA invocation tokens)",
     "monteclora_config": "MonteCLoRA", "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA (a learned singular-value diagonal)",
@@ -63,13 +70,22 @@ def read(path: Path) -> Adapter:
             "no adapter_model.safetensors or adapter_model.bin beside adapter_config.json", file=str(folder),
             hint="copy the adapter's tensor file into the folder", code="missing_file",
         )
-    raw = _load_bin(tensors_path) if tensors_path.name == BIN_NAME else safetensors_io.load(tensors_path)[0]
-    pairs = _pair_tensors(raw, str(tensors_path))
-    targets, tensors, dtype = _targets(pairs, config, str(tensors_path), str(config_path))
+    if tensors_path.name == BIN_NAME:
+        raw, metadata = _load_bin(tensors_path), {}
+    else:
+        raw, metadata = safetensors_io.load(tensors_path)
+    dora = config.get("use_dora") is True
+    pairs = _pair_tensors(raw, str(tensors_path), dora)
     warnings = _warnings(config, str(config_path))
+    method, quantization = "dora" if dora else "lora", None
+    if not dora:
+        quantization = _quantization(metadata or {}, str(tensors_path), warnings)
+        if quantization is not None:
+            method = "qlora"
+    targets, tensors, dtype = _targets(pairs, config, str(tensors_path), str(config_path), method)
     manifest = Manifest(
-        method="lora",
-        config=_manifest_config(config, targets),
+        method=method,
+        config={**_manifest_config(config, targets), **(quantization or {})},
         targets=targets,
         dtype=dtype,
         base_model=_base_model(config, targets),
@@ -140,6 +156,9 @@ def _check_fields(config: dict[str, Any], file: str) -> None:
         raise _bad_config(
             "layers_to_transform must be an integer or a list of integers", file, "$.layers_to_transform", layers,
         )
+    use_dora = config.get("use_dora", False)
+    if not (use_dora is None or isinstance(use_dora, bool)):
+        raise _bad_config("use_dora must be true or false", file, "$.use_dora", use_dora)
     bias = config.get("bias", "none")
     if bias != "none":
         raise LossyConversionError(
@@ -203,6 +222,9 @@ def _load_bin(path: Path) -> dict[str, np.ndarray]:
     import torch
 
     from adapterkit.core.torch_bridge import to_numpy
+    from adapterkit.core.torch_pickle import check_torch_file
+
+    check_torch_file(path)  # every size the pickle claims fits in the file, before torch allocates any
 
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
@@ -233,12 +255,12 @@ def _load_bin(path: Path) -> dict[str, np.ndarray]:
         raise TensorFileError(f"tensor dtype not supported: {exc}", file=str(path), code="bad_dtype") from None
 
 
-def _pair_tensors(raw: dict[str, np.ndarray], file: str) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
-    """module -> {"A": (key, array), "B": (key, array)}; refuse every other key."""
+def _pair_tensors(raw: dict[str, np.ndarray], file: str, dora: bool = False) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
+    """module -> {"A": (key, array), "B": (key, array)} (+ "magnitude" for DoRA); refuse every other key."""
     pairs: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     for key in sorted(raw):
         split = split_lora_key(key)
-        if split is None:
+        if split is None or (split[1] == MAGNITUDE and not dora):
             raise _unknown_key(key, file)
         module, which = split
         pairs.setdefault(module, {})[which] = (key, raw[key])
@@ -247,7 +269,22 @@ def _pair_tensors(raw: dict[str, np.ndarray], file: str) -> dict[str, dict[str, 
             "holds no LoRA tensors", file=file, expected="base_model.model.<module>.lora_A.weight keys", code="empty",
         )
     for module, pair in pairs.items():
-        if len(pair) != 2:
+        if dora and MAGNITUDE not in pair:
+            some = next(iter(pair.values()))[0]
+            raise FormatError(
+                f"{CONFIG_NAME} says use_dora is true but {module} has no DoRA magnitude (lora_magnitude_vector)",
+                file=file, location=some,
+                expected=f"base_model.model.{module}.lora_magnitude_vector", found="nothing",
+                hint="the file is incomplete, or adapter_config.json's $.use_dora is wrong; save the adapter again",
+                code="unpaired",
+            )
+        if "A" not in pair and "B" not in pair:
+            raise FormatError(
+                "DoRA magnitude without lora_A / lora_B", file=file, location=pair[MAGNITUDE][0],
+                expected=f"base_model.model.{module}.lora_A.weight / .lora_B.weight", found="nothing",
+                hint="the file is incomplete; save the adapter again", code="unpaired",
+            )
+        if "A" not in pair or "B" not in pair:
             have, missing = ("A", "B") if "A" in pair else ("B", "A")
             raise FormatError(
                 f"lora_{have} has no matching lora_{missing}", file=file, location=pair[have][0],
@@ -266,7 +303,8 @@ def _unknown_key(key: str, file: str) -> AdapterkitError:
     lossy = (
         ("lora_embedding_A", "LoRA on embedding layers (lora_embedding_A/B) is not supported yet"),
         ("lora_embedding_B", "LoRA on embedding layers (lora_embedding_A/B) is not supported yet"),
-        ("lora_magnitude_vector", "DoRA magnitude vectors are not supported yet (DoRA comes in a later release)"),
+        ("lora_magnitude_vector", "a DoRA magnitude vector while adapter_config.json's use_dora is not true "
+                                  "(PEFT would ignore it)"),
         (".lora_A.bias", "a bias on lora_A is not supported"),
         (".lora_B.bias", "a bias on lora_B (lora_bias) is not supported"),
         ("modules_to_save", "fully trained modules (modules_to_save) are not supported"),
@@ -293,6 +331,7 @@ def _unknown_key(key: str, file: str) -> AdapterkitError:
 
 def _targets(
     pairs: dict[str, dict[str, tuple[str, np.ndarray]]], config: dict[str, Any], file: str, config_file: str,
+    method: str = "lora",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray], str]:
     conv1d = bool(config.get("fan_in_fan_out", False))
     targets: dict[str, dict[str, Any]] = {}
@@ -300,6 +339,7 @@ def _targets(
     dtypes: dict[str, str] = {}
     for module in sorted(pairs):
         (a_key, a), (b_key, b) = pairs[module]["A"], pairs[module]["B"]
+        m_key, magnitude = pairs[module].get(MAGNITUDE, (None, None))
         for key, array in ((a_key, a), (b_key, b)):
             if array.ndim != 2:
                 raise LossyConversionError(
@@ -334,8 +374,20 @@ def _targets(
             "r": int(r),
             "alpha": alpha,
         }
-        tensors[canonical_key(module, "lora", "A")] = a
-        tensors[canonical_key(module, "lora", "B")] = b
+        tensors[canonical_key(module, method, "A")] = a
+        tensors[canonical_key(module, method, "B")] = b
+        if magnitude is not None:
+            if magnitude.shape != (fan_out,):
+                raise TensorFileError(
+                    "DoRA magnitude must hold one value per output of the module", file=file, location=m_key,
+                    expected=[int(fan_out)], found=list(magnitude.shape), code="shape",
+                )
+            name = safetensors_io.dtype_name(magnitude)
+            if name not in _DTYPES:
+                raise FormatError("DoRA magnitude must be floating point", file=file, location=m_key,
+                                  expected=sorted(_DTYPES.values()), found=str(magnitude.dtype), code="bad_dtype")
+            dtypes.setdefault(_DTYPES[name], m_key)
+            tensors[canonical_key(module, method, "magnitude")] = magnitude
     if len(dtypes) > 1:
         found = ", ".join(f"{d} ({k})" for d, k in dtypes.items())
         raise FormatError(
@@ -376,6 +428,24 @@ def _manifest_config(config: dict[str, Any], targets: dict[str, dict[str, Any]])
     if layers is not None and layers != []:
         out["layers_to_transform"] = [layers] if isinstance(layers, int) else list(layers)
     return out
+
+
+def _quantization(metadata: dict[str, str], file: str, warnings: list[str]) -> dict[str, Any] | None:
+    """The qlora quantisation adapterkit recorded in the safetensors metadata, or None (a plain LoRA)."""
+    if metadata.get(METHOD_METADATA) != "qlora":
+        return None
+    from adapterkit.plugins.lora.qlora import QUANT_DEFAULTS, validate_qlora_config
+
+    try:
+        recorded = json.loads(metadata.get(QUANTIZATION_METADATA, "{}"))
+        if not isinstance(recorded, dict) or not set(recorded) <= set(QUANT_DEFAULTS):
+            raise ValueError(f"expected an object with keys from {sorted(QUANT_DEFAULTS)}")
+        resolved = validate_qlora_config(recorded)
+    except (ValueError, AdapterkitError) as exc:
+        warnings.append(f"{file} __metadata__[{QUANTIZATION_METADATA!r}]: unreadable qlora quantisation ({exc}); "
+                        "read as a plain lora adapter")
+        return None
+    return {k: resolved[k] for k in QUANT_DEFAULTS}
 
 
 def _base_model(config: dict[str, Any], targets: dict[str, dict[str, Any]]) -> dict[str, Any]:

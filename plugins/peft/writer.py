@@ -1,4 +1,11 @@
-"""Write an adapterkit LoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors).
+"""Write an adapterkit LoRA, DoRA or QLoRA adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors).
+
+A ``dora`` adapter is written with ``use_dora: true`` and its magnitudes as
+``<module>.lora_magnitude_vector``. A ``qlora`` adapter is a plain PEFT LoRA
+(PEFT keeps no quantisation in an adapter: it is a property of the base the
+user loads); the method and its quantisation go into the safetensors
+``__metadata__`` (``adapterkit.method``, ``adapterkit.quantization``), which
+PEFT ignores and the reader turns back into a ``qlora`` adapter.
 
 The config is PEFT's own (``json.dumps(indent=2, sort_keys=True)``). When the
 adapter came from PEFT, the original config is the starting point, so a round
@@ -23,7 +30,13 @@ from adapterkit.core.adapter import Adapter, canonical_key
 from adapterkit.core.errors import FormatError, LossyConversionError, TensorFileError
 from adapterkit.core.io import atomic_write_bytes
 
-from .detect import CONFIG_NAME, SAFETENSORS_NAME, TASK_TYPES, TASKS, lora_key, module_r_alpha, selects
+from .detect import (
+    CONFIG_NAME, MAGNITUDE, METHOD_METADATA, QUANTIZATION_METADATA, SAFETENSORS_NAME, TASK_TYPES, TASKS, lora_key,
+    module_r_alpha, selects,
+)
+
+#: adapterkit methods a PEFT LoRA folder can hold
+METHODS = ("lora", "dora", "qlora")
 
 # Fields forced to their plain-LoRA value when an original config is reused.
 _PLAIN = {
@@ -40,10 +53,11 @@ def write(adapter: Adapter, path: Path, base: Any = None) -> None:
         written ``target_modules`` is checked to select exactly the adapted modules.
     """
     manifest = adapter.manifest
-    if manifest.method != "lora":
+    if manifest.method not in METHODS:
         raise LossyConversionError(
             f"PEFT's LoRA format cannot hold a {manifest.method!r} adapter", location="$.method.name",
-            expected="lora", found=manifest.method, hint="save it in the adapterkit format instead", code="unsupported",
+            expected=list(METHODS), found=manifest.method, hint="save it in the adapterkit format instead",
+            code="unsupported",
         )
     targets = manifest.targets
     conv1d = _fan_in_fan_out(targets)
@@ -64,6 +78,7 @@ def write(adapter: Adapter, path: Path, base: Any = None) -> None:
         "revision": manifest.base_model.get("revision"),
         "init_lora_weights": original.get("init_lora_weights", True),
         **{k: v for k, v in _PLAIN.items() if k in original or k in ("bias", "use_dora", "lora_bias", "modules_to_save")},
+        "use_dora": manifest.method == "dora",
     }
     for key, value in fields.items():
         if not (key in original and _same(original[key], value)):
@@ -71,7 +86,19 @@ def write(adapter: Adapter, path: Path, base: Any = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
-    safetensors_io.save(path / SAFETENSORS_NAME, tensors, {"format": "pt"})
+    safetensors_io.save(path / SAFETENSORS_NAME, tensors, _metadata(manifest))
+
+
+def _metadata(manifest: Any) -> dict[str, str]:
+    """PEFT's ``{"format": "pt"}``, plus the method and quantisation of a qlora adapter."""
+    metadata = {"format": "pt"}
+    if manifest.method == "qlora":
+        from adapterkit.plugins.lora.qlora import QUANT_DEFAULTS
+
+        quantization = {k: manifest.config.get(k, v) for k, v in QUANT_DEFAULTS.items()}
+        metadata[METHOD_METADATA] = "qlora"
+        metadata[QUANTIZATION_METADATA] = json.dumps(quantization, sort_keys=True, separators=(",", ":"))
+    return metadata
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -111,9 +138,11 @@ def _fan_in_fan_out(targets: Mapping[str, Mapping[str, Any]]) -> bool:
 def _peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     expected: set[str] = set()
+    method = adapter.manifest.method
+    params = ("A", "B", MAGNITUDE) if method == "dora" else ("A", "B")
     for module, target in adapter.targets.items():
-        for which in ("A", "B"):
-            key = canonical_key(module, "lora", which)
+        for which in params:
+            key = canonical_key(module, method, which)
             expected.add(key)
             if key not in adapter.tensors:
                 raise TensorFileError(
@@ -129,14 +158,14 @@ def _peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             )
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise TensorFileError(
-                "LoRA tensor shapes disagree with the target's rank", location=canonical_key(module, "lora", "A"),
+                "LoRA tensor shapes disagree with the target's rank", location=canonical_key(module, method, "A"),
                 expected=f"A [{r}, in], B [out, {r}]", found=f"A {list(a.shape)}, B {list(b.shape)}", code="shape",
             )
     extra = sorted(set(adapter.tensors) - expected)
     if extra:
         raise LossyConversionError(
             "tensor has no place in a PEFT LoRA file and would be lost", location=extra[0],
-            expected="only <module>.lora.A / .lora.B of the manifest's targets", code="unsupported",
+            expected=f"only <module>.{method}.{{{', '.join(params)}}} of the manifest's targets", code="unsupported",
         )
     return out
 
