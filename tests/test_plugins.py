@@ -416,7 +416,7 @@ def test_cli_plugins_json_shows_the_failure(site, fresh_default_registry):
     entries = {entry["name"]: entry for entry in json.loads(result.stdout)}
     assert entries["fakeplug"]["distribution"] == "fakeplug"
     assert "fakeplug is broken" in entries["fakeplug"]["errors"][0]
-    assert entries["lora"]["methods"] == ["lora"] and entries["lora"]["errors"] == []
+    assert entries["lora"]["methods"] == ["lora", "dora", "qlora"] and entries["lora"]["errors"] == []
     assert entries["goodplug"]["formats"] == ["goodfmt"]
 
     text = CliRunner().invoke(cli, ["plugins"])
