@@ -155,7 +155,7 @@ def test_bad_files_are_refused(tmp_path):
 
 
 def test_pickles_load_weights_only(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     folder = write_folder(tmp_path / "ah", bn_config(), bn_tensors())
     (folder / "adapter.safetensors").unlink()
     torch.save({k: torch.from_numpy(v) for k, v in bn_tensors().items()}, folder / "pytorch_adapter.bin")
@@ -289,7 +289,7 @@ def peer(tmp_path_factory):
     if not PEER_PYTHON.is_file():
         pytest.fail(f"the AdapterHub peer venv is missing ({PEER_PYTHON}); create it from the repository root with:\n"
                     f"  {PEER_SETUP}", pytrace=False)
-    torch = pytest.importorskip("torch")
+    import torch
     from models import BUILDERS, sample_inputs
 
     from adapterkit.testing import perturb

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+import transformers  # noqa: F401
 
 import adapterkit  # noqa: E402
 import adapterkit.plugins.bottleneck as bottleneck_plugin  # noqa: E402

@@ -15,8 +15,8 @@ from adapterkit.core.errors import UsageError
 from adapterkit.core.manifest import Manifest
 from adapterkit.core.plugins import default_registry
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
+import torch
+import peft  # noqa: F401
 
 from models import tiny_gpt2, tiny_llama  # noqa: E402
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import torch
+import peft
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import FormatError, LossyConversionError, UsageError  # noqa: E402

@@ -17,9 +17,9 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-gguf = pytest.importorskip("gguf")
+import torch
+import peft
+import gguf
 
 import adapterkit  # noqa: E402
 from adapterkit.core import safetensors_io  # noqa: E402

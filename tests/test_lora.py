@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+import transformers  # noqa: F401
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import BaseModelError, TensorFileError, UsageError  # noqa: E402

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import torch
+import peft
 
 import adapterkit  # noqa: E402
 from models import BUILDERS, sample_inputs  # noqa: E402

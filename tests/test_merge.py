@@ -18,8 +18,8 @@ from adapterkit.core.errors import AdapterkitError, BaseModelError, UsageError
 from adapterkit.core.manifest import Manifest
 from adapterkit.core.merge import merge_into_base
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import torch
+import peft
 
 from models import sample_inputs, save_tiny  # noqa: E402
 
@@ -410,7 +410,7 @@ def test_cli_merge(cli, tiny_base_dirs, tmp_path):
 
 def test_qlora_merge_rewrites_the_layers_it_quantised(tiny_base_dirs, tmp_path):
     """QLoRA trained on Q(W) everywhere ("all-linear"): non-adapted layers are written as Q(W) too."""
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401
     import adapterkit
     from adapterkit.testing import perturb
     from models import BUILDERS

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-mx = pytest.importorskip("mlx.core")
-pytest.importorskip("mlx_lm")
-peft = pytest.importorskip("peft")
+import mlx.core as mx
+import mlx_lm  # noqa: F401
+import peft
 
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import torch
+import peft
+import safetensors.numpy as safetensors_numpy
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import (  # noqa: E402

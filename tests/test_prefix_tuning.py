@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+import torch
+import peft
 
 import adapterkit  # noqa: E402
 import adapterkit.plugins.prefix_tuning as prefix_plugin  # noqa: E402

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-jsonschema = pytest.importorskip("jsonschema")
+import torch
+import peft
+import jsonschema
 
 import adapterkit  # noqa: E402
 import adapterkit.plugins.prefix_tuning as prefix_plugin  # noqa: E402
@@ -133,11 +133,9 @@ def test_reading_peft_needs_the_base(tmp_path):
 
 
 def test_peft_format_plugin_delegates_when_hooked_in(tiny_base_dirs, tmp_path):
-    """Runs once plugins/peft calls peft_prompts (see the integration notes in peft_prompts)."""
+    """The peft format plugin hands PEFT prompt-tuning folders to peft_prompts."""
     peft_prompt_model("gpt2").save_pretrained(tmp_path / "peft")
-    fmt = REG.formats.get("peft")
-    if fmt is None or not fmt.detect(tmp_path / "peft"):
-        pytest.skip("the PEFT format plugin does not delegate prompt/prefix folders yet")
+    assert REG.format("peft").detect(tmp_path / "peft")
     adapter = adapterkit.load(tmp_path / "peft", registry=REG, base=tiny_base_dirs["gpt2"])
     assert adapter.method == "prompt"
     adapterkit.save(adapter, tmp_path / "back", format="peft", registry=REG)

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
+import torch
+import bitsandbytes as bnb
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import BaseModelError, UsageError  # noqa: E402

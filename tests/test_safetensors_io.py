@@ -15,7 +15,7 @@ from adapterkit.core import safetensors_io as sio
 from adapterkit.core.errors import TensorFileError
 from helpers import bits, raw_safetensors
 
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import safetensors.numpy as safetensors_numpy
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -62,7 +62,7 @@ def test_safetensors_numpy_reads_our_files(tmp_path):
 
 
 def test_torch_bfloat16_round_trips_with_the_safetensors_library(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     from safetensors.torch import load_file, save_file
 
     generator = torch.Generator().manual_seed(0)
