@@ -280,6 +280,8 @@ def _now() -> str:
 
 def _check_outputs(out: Path, overwrite: bool) -> None:
     """Refuse before training, not after, when an output folder is in the way."""
+    if out.exists() and not out.is_dir():
+        raise AdapterkitError("the output path is a file, not a folder", file=str(out), code="output_exists")
     if overwrite:
         return
     for name in OUTPUTS:
