@@ -19,6 +19,7 @@ from typing import Any
 from .errors import AdapterkitError, ManifestError
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 64
 
 
 def canonical_json(data: Any) -> bytes:
@@ -81,9 +82,12 @@ def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = False) -> I
     try:
         yield tmp
         for child in tmp.rglob("*"):
-            if child.is_file():
+            if child.is_file() and not child.is_symlink():
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
+            elif child.is_dir() and not child.is_symlink():
+                _fsync_dir(child)
+        _fsync_dir(tmp)  # the folder's own entries, before it is renamed into place
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         old = None
         if dest.exists():
@@ -119,20 +123,42 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return deepest
+
+
 def parse_json_bytes(data: bytes, file: str) -> Any:
-    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN/Infinity literals."""
+    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN/Infinity literals, at most MAX_JSON_DEPTH levels.
+
+    The depth cap keeps every later step (copies, schema checks, writing the value back into a
+    manifest) clear of Python's recursion limit: no adapter or model config nests beyond a few levels.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestError("is not UTF-8 text", file=file, found=str(exc), code="not_utf8") from None
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        value = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except RecursionError:
         raise ManifestError("JSON is nested too deeply", file=file, code="bad_json") from None
     except ValueError as exc:
         raise ManifestError(
             f"is not valid JSON: {exc}", file=file, hint="fix the syntax or regenerate the file", code="bad_json"
         ) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ManifestError("JSON is nested too deeply", file=file, expected=f"<= {MAX_JSON_DEPTH} levels",
+                            found=json_depth(value), code="bad_json")
+    return value
 
 
 def read_json(path: str | os.PathLike[str], max_bytes: int = MAX_JSON_BYTES) -> Any:
@@ -156,12 +182,17 @@ def safe_child(folder: Path, name: str, file: str, location: str) -> Path:
             file=file, location=location, found=name, code="path_escape",
         )
     child = folder / name
-    root = folder.resolve()
     try:
+        root = folder.resolve()
         child.resolve().relative_to(root)
     except ValueError:
         raise ManifestError(
             "file reference resolves outside the adapter folder (symlink?)",
             file=file, location=location, found=name, code="path_escape",
+        ) from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13), a path too long
+        raise ManifestError(
+            f"file reference cannot be resolved: {exc}", file=file, location=location, found=name,
+            hint="replace the symlink with the file itself", code="path_escape",
         ) from None
     return child

@@ -26,6 +26,7 @@ from .errors import TensorFileError
 from .io import atomic_write_bytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 32  # numpy's own limit is 64; no adapter tensor comes near either
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -154,6 +155,9 @@ def _check_entry(path: str, key: str, entry: object, data_start: int, data_size:
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise fail("data_offsets fall outside the data area", expected=f"0 <= begin <= end <= {data_size}", found=offsets)
+    if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) * DTYPES[dtype].itemsize >= 2**63:
+        # numpy cannot make such an array, even an empty one ([0, 2**40, 2**40]): refuse it here, cleanly
+        raise fail("shape is too large for an array", expected=f"<= {MAX_DIMS} dimensions, < 2**63 bytes", found=shape)
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if nbytes != end - begin:
         raise fail("byte count does not match dtype and shape", expected=nbytes, found=end - begin)

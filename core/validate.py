@@ -18,7 +18,7 @@ from . import safetensors_io
 from .adapter import DTYPE_NAMES, Adapter
 from .base_model import read_base_model, targets_fingerprint
 from .errors import AdapterkitError, BaseModelError, IntegrityError, ManifestError, TensorFileError
-from .io import read_json, safe_child, sha256_file
+from .io import canonical_json, read_json, safe_child, sha256_file
 from .manifest import MANIFEST_NAME, Manifest
 from .plugins import Registry
 
@@ -103,6 +103,31 @@ def check_native(path: Path, registry: Registry, report: ValidationReport | None
     check_tensors(adapter, registry, report, file=str(path))
     report.adapter = adapter
     return report
+
+
+def manifest_errors(manifest: Manifest, registry: Registry | None = None, file: str | None = None) -> list[AdapterkitError]:
+    """Every schema problem of an in-memory manifest, as if it were written: the manifest schema, then the
+    method's config and target schemas. Readers use it on manifest facts a foreign file carries (a record
+    an attacker can edit while the tensors stay intact) before trusting them."""
+    from .plugins import default_registry
+
+    try:
+        document = manifest.to_dict()
+        if not document.get("tensors"):  # tensors are listed on save; a placeholder keeps the schema whole
+            document["tensors"] = {"adapter.safetensors": {"sha256": "0" * 64, "size": 8}}
+        canonical_json(document)  # JSON has no NaN / Infinity (and jsonschema lets NaN through every bound)
+        _, errors = manifest_mod.check(document, file)
+    except AdapterkitError as exc:
+        return [exc]
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        return [ManifestError(f"manifest cannot be checked: {type(exc).__name__}: {exc}", file=file, code="schema")]
+    if errors:
+        return list(errors)
+    try:
+        method = (registry or default_registry()).method(manifest.method)
+    except AdapterkitError as exc:
+        return [exc]
+    return list(method_schema_errors(manifest, method, file))
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -46,6 +46,7 @@ from adapterkit.core.formats import Format
 from adapterkit.core.hookspecs import hookimpl
 from adapterkit.core.manifest import CURRENT_MAJOR, Manifest
 from adapterkit.plugins import gguf_names as names
+from adapterkit.plugins.gguf_layout import check_gguf
 from adapterkit.plugins.lora_uniform import options as format_options
 
 FILE_NAME = "adapter.gguf"
@@ -74,6 +75,8 @@ class GgufFormat(Format):
                 if handle.read(4) != b"GGUF":
                     return False
             from gguf import GGUFReader
+
+            check_gguf(file)  # GGUFReader trusts the counts in the file: check them against its size first
 
             return _kvs(GGUFReader(file)).get("general.type") == "adapter"
         except Exception:
@@ -267,6 +270,7 @@ def read_gguf(path: Path, base: Any = None) -> Adapter:
     file = _find_file(path)
     if file is None:
         raise FormatError("no single .gguf file here", file=str(path), hint="point at the .gguf file", code="missing_file")
+    check_gguf(file)  # GGUFReader trusts the counts in the file: check them against its size first
     try:
         reader = GGUFReader(file)
     except Exception as exc:
@@ -295,6 +299,10 @@ def read_gguf(path: Path, base: Any = None) -> Adapter:
     for gname, (a, b) in sorted(pairs.items()):
         module = modules[gname]
         if module in heads:
+            if b.shape[0] % (2 * heads[module]):
+                raise FormatError("q/k lora_b rows cannot be split into the base's rotary head pairs", file=str(file),
+                                  location=gname, expected=f"a multiple of 2 * {heads[module]}", found=b.shape[0],
+                                  hint="is this the adapter's base?", code="wrong_base")
             b = names.unpermute_rows(b, heads[module])
         if meta is not None and module in meta["folds"]:
             b = _unfold(b, float(meta["folds"][module]), kvs.get(ORIGINAL_PREFIX + gname), str(file), gname)
@@ -339,7 +347,11 @@ def _pairs(reader: Any, file: str, warnings: list[str]) -> tuple[dict[str, tuple
             array = data.view(_NUMPY["BF16"]) if qtype.name == "BF16" else data.astype(_NUMPY[qtype.name])
             types.add(qtype.name)
         else:
-            array = dequantize(np.array(tensor.data), qtype).astype(np.float32)
+            try:
+                array = dequantize(np.array(tensor.data), qtype).astype(np.float32)
+            except (NotImplementedError, ValueError) as exc:  # gguf-py cannot dequantize every type
+                raise FormatError(f"{qtype.name} tensors cannot be read: {exc}", file=file, location=name,
+                                  hint="store LoRA tensors as F32, F16 or BF16", code="unsupported") from None
             types.add("F32")
             warnings.append(f"{name}: {qtype.name} tensor dequantized to float32")
         if array.ndim != 2:
@@ -366,32 +378,59 @@ def _pairs(reader: Any, file: str, warnings: list[str]) -> tuple[dict[str, tuple
 
 def _meta(kvs: Mapping[str, Any], pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], dtype: str, digest: str,
           warnings: list[str]) -> dict[str, Any] | None:
-    """The adapterkit KV, if present and still describing these tensors; else None (with a warning)."""
+    """The adapterkit KV, if present and still describing these tensors; else None (with a warning).
+
+    The digest ties the KV to the tensors, but every other field of it can be edited without touching
+    them: each is checked (types, finite non-zero folds, head counts that divide the rows, a manifest the
+    schemas accept) before it is trusted.
+    """
     text = kvs.get(META_KEY)
     if text is None:
         return None
     try:
-        meta = json.loads(text)
-        manifest = meta["manifest"]
-        targets = manifest["targets"]
-        ok = (
-            meta["version"] == META_VERSION
-            and meta["digest"] == digest
-            and str(manifest.get("format_version", "")).split(".")[0] == str(CURRENT_MAJOR)
-            and float(np.float32(meta["alpha"])) == float(np.float32(kvs.get("adapter.lora.alpha", 0.0)))
-            and set(meta["modules"]) == set(targets)
-            and set(meta["folds"]) <= set(targets) and set(meta["permuted"]) <= set(targets)
-            and sorted(meta["modules"].values()) == sorted(pairs)
-            and _MANIFEST_DTYPES.get(dtype) == manifest["dtype"]
-            and all(_fits(targets[m], *pairs[g]) for m, g in meta["modules"].items())
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
+        meta = json.loads(text) if isinstance(text, str) else None
+        ok = isinstance(meta, dict) and _meta_ok(meta, kvs, pairs, dtype, digest)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         ok = False
     if ok:
         return meta
     warnings.append(f"{META_KEY}: the adapterkit metadata no longer matches the tensors (changed after writing?); "
                     "ignored, the file reads with llama.cpp's global alpha")
     return None
+
+
+def _meta_ok(meta: dict[str, Any], kvs: Mapping[str, Any], pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+             dtype: str, digest: str) -> bool:
+    from adapterkit.core.validate import manifest_errors
+
+    manifest, modules, folds, permuted = meta["manifest"], meta["modules"], meta["folds"], meta["permuted"]
+    if not all(isinstance(x, dict) for x in (manifest, modules, folds, permuted)):
+        return False
+    targets = manifest["targets"]
+    if not (isinstance(targets, dict) and all(isinstance(t, dict) for t in targets.values())
+            and all(isinstance(g, str) for g in modules.values())
+            and all(_finite(f) and f != 0 for f in folds.values())
+            and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in permuted.values())
+            and _finite(meta["alpha"])):
+        return False
+    ok = (
+        meta["version"] == META_VERSION
+        and meta["digest"] == digest
+        and manifest["method"]["name"] == "lora"
+        and str(manifest.get("format_version", "")).split(".")[0] == str(CURRENT_MAJOR)
+        and float(np.float32(meta["alpha"])) == float(np.float32(kvs.get("adapter.lora.alpha", 0.0)))
+        and set(modules) == set(targets)
+        and set(folds) <= set(targets) and set(permuted) <= set(targets)
+        and sorted(modules.values()) == sorted(pairs)
+        and _MANIFEST_DTYPES.get(dtype) == manifest["dtype"]
+        and all(_fits(targets[m], *pairs[g]) for m, g in modules.items())
+        and all(pairs[modules[m]][1].shape[0] % (2 * h) == 0 for m, h in permuted.items())
+    )
+    return ok and not manifest_errors(Manifest.from_dict(manifest))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fits(target: Mapping[str, Any], a: np.ndarray, b: np.ndarray) -> bool:
@@ -464,7 +503,11 @@ def _heads(modules: Any, arch: Any, info: BaseModelInfo | None, file: str) -> di
 def _manifest(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], modules: Mapping[str, str], arch: str,
               kvs: Mapping[str, Any], dtype: str, info: BaseModelInfo | None, file: str) -> Manifest:
     """A manifest with llama.cpp's semantics: every module's alpha is the global alpha (r when it is 0)."""
-    alpha_kv = float(kvs.get("adapter.lora.alpha", 0.0) or 0.0)
+    alpha_kv = kvs.get("adapter.lora.alpha", 0.0) or 0.0
+    if not _finite(alpha_kv) or alpha_kv < 0:
+        raise FormatError("adapter.lora.alpha must be a finite number >= 0", file=file, location="adapter.lora.alpha",
+                          found=alpha_kv, hint="llama.cpp scales by alpha / rank; fix the KV with gguf-py", code="bad_alpha")
+    alpha_kv = float(alpha_kv)
     conv1d = arch in names.CONV1D_ARCHES
     targets: dict[str, dict[str, Any]] = {}
     for gname, (a, b) in pairs.items():

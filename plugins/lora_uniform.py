@@ -294,7 +294,9 @@ def restore(record: Any, modules: Mapping[str, Module], digest: str,
                 if np.any(module.b.astype(np.float32)):
                     raise ValueError(f"{name} is not in the record but its B is not zero")
                 continue
-            r, alpha = int(targets[name]["r"]), targets[name]["alpha"]
+            r, alpha = targets[name]["r"], targets[name]["alpha"]
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= module.a.shape[0]:
+                raise ValueError(f"{name}: r {r!r} is not a rank of the stored tensors")
             a, b = module.a[:r], module.b[:, :r]
             if np.any(module.a[r:].astype(np.float32)) or np.any(module.b[:, r:].astype(np.float32)):
                 raise ValueError(f"{name}: rank padding is not zero")
@@ -302,7 +304,11 @@ def restore(record: Any, modules: Mapping[str, Module], digest: str,
                 raw = base64.b64decode(originals[name], validate=True)
                 b = np.frombuffer(bytearray(raw), dtype=dtype).reshape(b.shape)
             elif name in folds:
-                b = _unfold(b, float(folds[name]))
+                factor = folds[name]
+                if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+                        or factor == 0:
+                    raise ValueError(f"{name}: fold factor {factor!r} is not a finite non-zero number")
+                b = _unfold(b, float(factor))
             out[name] = Module(np.ascontiguousarray(a), np.ascontiguousarray(b), r, alpha,
                                lora_scale(r, alpha, use_rslora))
         if set(targets) - set(out):
@@ -312,7 +318,29 @@ def restore(record: Any, modules: Mapping[str, Module], digest: str,
         return None
     fields = ("config", "dtype", "base_model", "task", "annotations", "provenance")
     facts = {k: record[k] for k in fields if k in record}
+    problem = _facts_problem(out, facts)
+    if problem:
+        ignored(f"it is inconsistent: {problem}")
+        return None
     return out, facts
+
+
+def _facts_problem(modules: Mapping[str, Module], facts: Mapping[str, Any]) -> str | None:
+    """Why the record's manifest facts cannot be trusted (the record's digest covers the tensors only), or None."""
+    from adapterkit.core.validate import manifest_errors
+
+    for key in ("config", "base_model", "annotations", "provenance"):
+        if key in facts and not isinstance(facts[key], dict):
+            return f"{key} is not an object"
+    targets = {n: {"kind": "linear", "shape": m.shape, "r": m.r, "alpha": number(m.alpha)} for n, m in modules.items()}
+    provenance = {**(facts.get("provenance") or {}), "converted_from": {"format": "record", "config": {}}}
+    manifest = Manifest(method="lora", config=dict(facts.get("config") or {}), targets=targets,
+                        dtype=facts.get("dtype", "float32"),
+                        base_model={**(facts.get("base_model") or {}), "fingerprint": targets_fingerprint(targets)},
+                        task=facts.get("task", "causal-lm"), provenance=provenance,
+                        annotations=dict(facts.get("annotations") or {}))
+    errors = manifest_errors(manifest)
+    return str(errors[0]) if errors else None
 
 
 def plain_config(modules: Mapping[str, Module], r: int, alpha: float, dropout: float = 0.0) -> dict[str, Any]:

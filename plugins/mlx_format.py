@@ -134,7 +134,7 @@ def _lora_parameters(config: dict[str, Any], file: str) -> tuple[int, float, flo
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise FormatError("rank must be an integer >= 1", file=file, location="$.lora_parameters.rank", found=rank,
                           code="bad_config")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale * rank < float("inf"):
         raise FormatError("scale must be a number > 0 (mlx-lm uses the scale itself, not alpha)", file=file,
                           location="$.lora_parameters.scale", found=scale, code="bad_config")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:

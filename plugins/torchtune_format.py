@@ -147,6 +147,9 @@ def _load_pt(path: Path) -> dict[str, np.ndarray]:
     import torch
 
     from adapterkit.core.torch_bridge import to_numpy
+    from adapterkit.core.torch_pickle import check_torch_file, one_line
+
+    check_torch_file(path)  # every size the pickle claims fits in the file, before torch allocates any
 
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
@@ -161,7 +164,7 @@ def _load_pt(path: Path) -> dict[str, np.ndarray]:
             code="unsafe_pickle",
         ) from None
     except Exception as exc:
-        raise TensorFileError(f"not a readable torch file: {type(exc).__name__}: {exc}", file=str(path),
+        raise TensorFileError(f"not a readable torch file: {one_line(exc)}", file=str(path),
                               code="bad_pickle") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
         raise TensorFileError("must hold a dict of tensor name -> tensor", file=str(path), found=type(data).__name__,

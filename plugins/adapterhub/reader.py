@@ -125,7 +125,8 @@ def _method_config(full: Mapping[str, Any], file: str) -> dict[str, Any]:
         what = {"union": "a ConfigUnion (several methods in one adapter, e.g. MAM or UniPELT)",
                 "prefix_tuning": "prefix tuning", "prompt_tuning": "prompt tuning", "reft": "ReFT"}
         raise LossyConversionError(
-            f"{what.get(architecture, repr(architecture))} adapters are not supported by this converter",
+            f"{what.get(architecture, repr(architecture)) if isinstance(architecture, str) else repr(architecture)[:60]} "
+            "adapters are not supported by this converter",
             file=file, location="$.config.architecture", expected=["lora", None], found=architecture,
             hint=_KEEP, code="unsupported",
         )
@@ -177,7 +178,7 @@ def _read_lora(config: dict[str, Any], raw: dict[str, np.ndarray], file: str, co
         if reason:
             raise LossyConversionError(reason, file=file, location=pair["A"][0], hint=_KEEP, code="unsupported")
         (a_key, a), (_, b) = pair["A"], pair["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r or not a.size or not b.size:
             raise TensorFileError("LoRA tensor shapes disagree with the config's r", file=file, location=a_key,
                                   expected=f"A [{r}, in], B [out, {r}]", found=f"A {list(a.shape)}, B {list(b.shape)}",
                                   code="shape")
@@ -298,7 +299,7 @@ def _bn_method_config(config: Mapping[str, Any], sites: set[str], file: str) -> 
         "scaling": float(scaling) if _is_number(scaling) else scaling,
         "init_weights": config.get("init_weights", "bert"),
         "dropout": config.get("dropout", 0.0),
-        "leave_out": list(config.get("leave_out") or []),
+        "leave_out": config.get("leave_out") or [],  # validate_config checks it is a list of layer indices
     }
     best: dict[str, Any] | None = None
     for preset in ("seq_bn", "double_seq_bn", "par_bn"):
@@ -391,6 +392,9 @@ def load_bin(path: Path) -> dict[str, np.ndarray]:
     import torch
 
     from adapterkit.core.torch_bridge import to_numpy
+    from adapterkit.core.torch_pickle import check_torch_file, one_line
+
+    check_torch_file(path)  # every size the pickle claims fits in the file, before torch allocates any
 
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
@@ -406,7 +410,7 @@ def load_bin(path: Path) -> dict[str, np.ndarray]:
             code="unsafe_pickle",
         ) from None
     except Exception as exc:
-        raise TensorFileError(f"not a readable torch file: {type(exc).__name__}: {exc}", file=str(path),
+        raise TensorFileError(f"not a readable torch file: {one_line(exc)}", file=str(path),
                               code="bad_pickle") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise TensorFileError("must hold a dict of tensor name -> tensor", file=str(path), found=type(data).__name__,

@@ -137,12 +137,12 @@ def _check_fields(config: dict[str, Any], file: str) -> None:
     if not _is_int(r) or r < 1:
         raise _bad_config("r must be a positive integer", file, "$.r", r)
     alpha = config.get("lora_alpha", 8)
-    if not _is_number(alpha):
-        raise _bad_config("lora_alpha must be a number", file, "$.lora_alpha", alpha)
-    for name, check in (("rank_pattern", _is_int), ("alpha_pattern", _is_number)):
+    if not _is_number(alpha) or alpha <= 0:
+        raise _bad_config("lora_alpha must be a number > 0", file, "$.lora_alpha", alpha)
+    for name, check in (("rank_pattern", _is_positive_int), ("alpha_pattern", _is_positive)):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
-            raise _bad_config(f"{name} must map module names to numbers", file, f"$.{name}", pattern)
+            raise _bad_config(f"{name} must map module names to numbers > 0", file, f"$.{name}", pattern)
         for key in pattern:
             _check_regex(key, file, f"$.{name}[{key!r}]")
     targets = config.get("target_modules")
@@ -193,6 +193,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
 def _warnings(config: dict[str, Any], file: str) -> list[str]:
     init = config.get("init_lora_weights")
     out = []
@@ -222,7 +230,7 @@ def _load_bin(path: Path) -> dict[str, np.ndarray]:
     import torch
 
     from adapterkit.core.torch_bridge import to_numpy
-    from adapterkit.core.torch_pickle import check_torch_file
+    from adapterkit.core.torch_pickle import check_torch_file, one_line
 
     check_torch_file(path)  # every size the pickle claims fits in the file, before torch allocates any
 
@@ -242,7 +250,7 @@ def _load_bin(path: Path) -> dict[str, np.ndarray]:
         ) from None
     except Exception as exc:
         raise TensorFileError(
-            f"not a readable torch file: {type(exc).__name__}: {exc}", file=str(path), code="bad_pickle",
+            f"not a readable torch file: {one_line(exc)}", file=str(path), code="bad_pickle",
         ) from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise TensorFileError(
