@@ -32,6 +32,7 @@ _LAZY = {
     "inject": "adapterkit.core.session",
     "InjectedAdapter": "adapterkit.core.session",
     "attached": "adapterkit.core.session",
+    "export_onnx": "adapterkit.core.onnx_export",
     # data model
     "Adapter": "adapterkit.core.adapter",
     "Manifest": "adapterkit.core.manifest",

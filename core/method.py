@@ -11,6 +11,7 @@ Canonical tensor keys are ``<module path>.<method>.<param>`` (docs/format.md).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -114,3 +115,31 @@ class Method(ABC):
     def unload(self, model: torch.nn.Module) -> torch.nn.Module:
         """Remove every wrapper of this method, returning the base modules."""
         raise NotImplementedError(f"method {self.name!r} cannot be unloaded")
+
+    # ---- ONNX export (adapterkit.core.onnx_export, docs/onnx.md) -------------
+    def export_factors(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],
+                       tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The module's update as low-rank factors, for a swappable ONNX export; None when it has none.
+
+        Returns float32 ``(A [in, r], B [r, out])`` with the scale folded into B, so that
+        the module computes ``base(x) + (x @ A) @ B``; these become graph inputs. The
+        default serves methods whose tensors are canonical ``A`` ``[r, in]`` and ``B``
+        ``[out, r]`` with an additive update ``delta_weight = s * B @ A`` (LoRA, rsLoRA),
+        and gives None to the others (see :func:`adapterkit.core.onnx_lora.default_export_factors`).
+        """
+        from .onnx_lora import default_export_factors
+
+        return default_export_factors(self, module, target, config, tensors)
+
+    def prepare_export(self, model: torch.nn.Module, mode: str = "merged",
+                       adapter_name: str = "default") -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """A context manager that readies a model holding this adapter for ONNX tracing; it yields the module to trace.
+
+        The exporter calls it with ``mode="merged"``. The default merges the adapter when the
+        method can (undone on exit) and otherwise leaves the injected modules to be traced as
+        they are (bottleneck adapters, virtual tokens, prefixes). Override it to swap in
+        trace-friendly modules (see :func:`adapterkit.core.onnx_trace.default_prepare_export`).
+        """
+        from .onnx_trace import default_prepare_export
+
+        return default_prepare_export(self, model, mode, adapter_name)

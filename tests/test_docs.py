@@ -139,6 +139,15 @@ def builtin_command(name: str) -> click.Command:
     return importlib.import_module(COMMANDS[name][0]).command
 
 
+def command_params(command: click.Command) -> list[click.Parameter]:
+    """The parameters of a command, and of every subcommand of a group (``export onnx``, ``export check``)."""
+    params = list(command.params)
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            params += command_params(sub)
+    return params
+
+
 def test_there_are_commands():
     from adapterkit.cli.main import COMMANDS
 
@@ -155,7 +164,7 @@ def test_every_option_and_argument_is_documented(name):
     command = builtin_command(name)
     body = section(read_doc("cli.md"), f"adapterkit {name}")
     assert body, f"docs/cli.md has no section '## adapterkit {name}'"
-    for param in command.params:
+    for param in command_params(command):
         if isinstance(param, click.Option):
             for opt in (*param.opts, *param.secondary_opts):
                 assert re.search(re.escape(opt) + r"(?![\w-])", body), f"docs/cli.md, adapterkit {name}: option {opt} is not documented"
@@ -173,7 +182,7 @@ def test_synopsis_names_only_real_options(name):
     synopsis = blocks[0][2]
     assert synopsis.lstrip().startswith(f"adapterkit {name}"), f"docs/cli.md, adapterkit {name}: the first block is not the synopsis"
     real = {"--help", "-h"}
-    for param in command.params:
+    for param in command_params(command):
         if isinstance(param, click.Option):
             real.update(param.opts, param.secondary_opts)
     named = set(re.findall(r"(?<![\w-])--?[a-zA-Z][\w-]*", synopsis))

@@ -277,3 +277,14 @@ def test_wrapped_layer_reports_the_float_shape():
     layer = model.get_submodule("model.layers.0.self_attn.v_proj")
     assert isinstance(layer, LoraLayer) and (layer.in_features, layer.out_features) == (32, 16)
     assert layer.lora_A["default"].shape == (4, 32) and layer.lora_B["default"].shape == (16, 4)
+
+
+def test_onnx_merged_export(tiny_base_dirs, tmp_path):
+    """prepare_export merges and stands dense Q(W) layers in for the 4-bit ones; ONNX Runtime verifies it."""
+    from adapterkit.core.onnx_export import export_onnx
+
+    model = BUILDERS["llama"]()
+    handle = adapterkit.inject(model, "qlora", **LLAMA)
+    perturb(handle.parameters())
+    export_onnx(handle.to_adapter(), tiny_base_dirs["llama"], tmp_path / "onnx")  # raises when ORT disagrees
+    assert any((tmp_path / "onnx").iterdir())

@@ -94,12 +94,17 @@ def mark(cache: Any, method: str, count: int) -> None:
 
 
 def inputs_shape(kwargs: dict[str, Any]) -> tuple[int, int]:
-    """(batch, sequence length) of the call's ``input_ids`` or ``inputs_embeds``."""
+    """(batch, sequence length) of the call's ``input_ids`` or ``inputs_embeds``.
+
+    The sizes are returned as the tensor gives them, never through ``int()``: under
+    ONNX / torch.export tracing they are symbolic, and ``int()`` would fix the traced
+    batch size into the exported graph.
+    """
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if embeds is not None:
-        return int(embeds.shape[0]), int(embeds.shape[1])
+        return embeds.shape[0], embeds.shape[1]
     if ids is not None:
-        return int(ids.shape[0]), int(ids.shape[-1])
+        return ids.shape[0], ids.shape[-1]
     raise UsageError("the call has neither input_ids nor inputs_embeds", code="bad_call")
 
 
