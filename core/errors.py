@@ -40,7 +40,7 @@ class AdapterkitError(Exception):
             text += f" ({', '.join(parts)})"
         if self.hint:
             text += f". {self.hint}"
-        return text
+        return printable(text)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -49,6 +49,15 @@ class AdapterkitError(Exception):
             if value is not None:
                 out[key] = value
         return out
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def printable(text: str) -> str:
+    """``text`` on one line with no terminal control: names from hostile files may hold newlines or escapes."""
+    return text.translate(_CONTROL)
 
 
 def _short(value: Any) -> str:
