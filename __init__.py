@@ -33,6 +33,9 @@ _LAZY = {
     "InjectedAdapter": "adapterkit.core.session",
     "attached": "adapterkit.core.session",
     "export_onnx": "adapterkit.core.onnx_export",
+    "bench_adapter": "adapterkit.core.bench",
+    "BenchReport": "adapterkit.core.bench",
+    "AdapterPool": "adapterkit.core.pool",
     # data model
     "Adapter": "adapterkit.core.adapter",
     "Manifest": "adapterkit.core.manifest",

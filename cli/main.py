@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schema": ("adapterkit.cli.schema", "Print the JSON Schema of the adapter manifest."),
     "plugins": ("adapterkit.cli.plugins", "List the loaded plugins, their hooks, methods and formats."),
     "export": ("adapterkit.cli.export", "Export a base model with adapters to ONNX (merged or swappable), checked in ONNX Runtime."),
+    "bench": ("adapterkit.cli.bench", "Measure an adapter on its base: sizes, load, forward latency, a training step, hot-swap."),
     "demo": ("adapterkit.cli.demo", "Run the end-to-end demo on the embedded SmolLM2-135M (no arguments)."),
 }
 
