@@ -131,14 +131,23 @@ def validate(
     base: str | Path | None = None,
     *,
     format: str | None = None,
+    target: str | None = None,
     registry: Registry | None = None,
     **options: Any,
 ) -> ValidationReport:
     """Check an adapter (any format) and optionally its fit to a local base model.
 
     ``base`` and ``options`` also reach a foreign format's reader (some need the base's config).
+    ``target`` (``"vllm"``, ``"llama.cpp"``, ``"onnxruntime"``) adds what that runtime would
+    reject (:mod:`adapterkit.core.runtime_targets`).
     """
     registry = registry or default_registry()
+    if target is not None:
+        from .runtime_targets import TARGETS
+
+        if target not in TARGETS:
+            raise UsageError(f"unknown runtime target {target!r}", location="target", expected=list(TARGETS),
+                             found=target, code="bad_option")
     path = Path(path)
     report = ValidationReport(str(path))
     try:
@@ -169,6 +178,10 @@ def validate(
         check_base(report.adapter, base, report)
     elif base is None:
         report.not_checked.append("fit to a base model (pass --base)")
+    if target is not None:
+        from .runtime_targets import check_runtime
+
+        check_runtime(report, target, registry, base)
     return report
 
 
