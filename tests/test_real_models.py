@@ -19,12 +19,6 @@ from adapterkit.core import real_models
 from adapterkit.core.errors import AdapterkitError
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M prepared once per session (the same cache as tests/test_demo.py uses)."""
-    return real_models.smollm2_path(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-
-
 # ---- fast: no model ----------------------------------------------------------
 
 
