@@ -36,6 +36,7 @@ _LAZY = {
     "bench_adapter": "adapterkit.core.bench",
     "BenchReport": "adapterkit.core.bench",
     "AdapterPool": "adapterkit.core.pool",
+    "train": "adapterkit.core.train",
     # data model
     "Adapter": "adapterkit.core.adapter",
     "Manifest": "adapterkit.core.manifest",

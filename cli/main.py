@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compose": ("adapterkit.cli.compose", "Combine LoRA adapters of one base (linear, cat, svd, ties, dare_*, magnitude_prune)."),
     "schema": ("adapterkit.cli.schema", "Print the JSON Schema of the adapter manifest."),
     "plugins": ("adapterkit.cli.plugins", "List the loaded plugins, their hooks, methods and formats."),
+    "train": ("adapterkit.cli.train", "Train a new adapter of any method on a JSON Lines file (causal LM or classification)."),
     "export": ("adapterkit.cli.export", "Export a base model with adapters to ONNX (merged or swappable), checked in ONNX Runtime."),
     "bench": ("adapterkit.cli.bench", "Measure an adapter on its base: sizes, load, forward latency, a training step, hot-swap."),
     "demo": ("adapterkit.cli.demo", "Run the end-to-end demo on the embedded SmolLM2-135M (no arguments)."),
