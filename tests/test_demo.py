@@ -12,15 +12,12 @@ from click.testing import CliRunner
 
 from adapterkit.cli.main import cli
 from adapterkit.core import demo
-from adapterkit.core.real_models import smollm2_path
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """The cache root holding SmolLM2-135M, prepared once per session (shared with tests/test_real_models.py)."""
-    root = tmp_path_factory.getbasetemp() / "adapterkit-cache"
-    smollm2_path(root)
-    return root
+def demo_cache(smollm2_dir) -> Path:
+    """The cache root holding SmolLM2-135M, prepared once per session (the conftest's smollm2_dir)."""
+    return smollm2_dir.parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +78,12 @@ def test_demo_loss_drops_and_the_adapter_survives_the_toolchain(demo_run):
     assert result["peft_max_abs_diff"] <= 1e-4
     assert result["merged_max_abs_diff"] <= 5e-3  # float32 rounding of W + dW over 30 layers (logits ~ 20)
     assert result["roundtrip_identical"]
+    assert result["gguf_identical"]
+    assert result["merged_disk_max_abs_diff"] <= 5e-3
+    assert result["onnx_max_abs_diff"] is not None and result["onnx_max_abs_diff"] <= 1e-3
+    bench = result["bench"]
+    assert 0 < bench["adapter_bytes"] < 0.05 * bench["base_bytes"]
+    assert bench["base_ms"] > 0 and bench["unmerged_ms"] > 0 and bench["merged_ms"] > 0
     assert len(result["training_losses"]) == 10
     assert any(line.startswith("Before training") for line in lines)
     assert any(line.startswith("After training") for line in lines)
@@ -90,7 +93,7 @@ def test_demo_loss_drops_and_the_adapter_survives_the_toolchain(demo_run):
 def test_demo_outputs_are_complete_folders(demo_run):
     result, _ = demo_run
     out = result["out_dir"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "peft", "roundtrip"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "gguf", "merged", "onnx", "peft", "roundtrip"]
     manifest = json.loads((out / "adapter" / "adapter.json").read_text())
     training = manifest["provenance"]["training"]
     assert training["steps"] == 10 and training["loss_after"] < training["loss_before"]
@@ -98,6 +101,9 @@ def test_demo_outputs_are_complete_folders(demo_run):
     assert manifest["task"] == "causal-lm"
     assert (out / "peft" / "adapter_config.json").is_file()
     assert (out / "roundtrip" / "adapter.json").is_file()
+    assert (out / "gguf" / "adapter.gguf").is_file()
+    assert (out / "merged" / "config.json").is_file() and any((out / "merged").glob("*.safetensors"))
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "export.json").is_file()
 
 
 @pytest.mark.slow
