@@ -149,6 +149,13 @@ def validate(
             raise UsageError(f"unknown runtime target {target!r}", location="target", expected=list(TARGETS),
                              found=target, code="bad_option")
     path = Path(path)
+    if format is None and _is_composition(path):  # a composition folder is no adapter format (docs/compose.md)
+        from .composition_folder import validate_composition
+
+        report = validate_composition(path, base, registry=registry)
+        if target is not None:
+            report.not_checked.append(f"{target} serving checks (they apply to adapters; validate each member)")
+        return report
     report = ValidationReport(str(path))
     try:
         report.format = format or detect_format(path, registry)
@@ -188,8 +195,18 @@ def validate(
 def inspect(path: str | Path, *, format: str | None = None, registry: Registry | None = None) -> dict[str, Any]:
     """A summary of an adapter: method, targets, ranks, parameters, sizes."""
     registry = registry or default_registry()
+    if format is None and _is_composition(Path(path)):
+        from .composition_folder import inspect_composition
+
+        return inspect_composition(path, registry=registry)
     adapter = load(path, format, registry=registry)
     return summarize(adapter)
+
+
+def _is_composition(path: Path) -> bool:
+    from .composition_folder import is_composition
+
+    return is_composition(path)
 
 
 def summarize(adapter: Adapter) -> dict[str, Any]:

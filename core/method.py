@@ -35,6 +35,9 @@ class Method(ABC):
     mergeable: bool = False
     #: plugin API version this method targets (see adapterkit.PLUGIN_API_VERSION)
     api_version: str = "1"
+    #: runtime composition blocks this method runs (``"stack"``, ``"average"``, ``"weighted_sum"``;
+    #: adapterkit.core.composition); empty: none, and ``activate`` refuses with :meth:`composition_refusal`
+    composition_kinds: tuple[str, ...] = ()
 
     # ---- torch-free: validation, inspection, conversion -------------------
     @abstractmethod
@@ -77,6 +80,19 @@ class Method(ABC):
         """
         return None
 
+    def composition_refusal(self, composition: Any) -> str | None:
+        """Why this method cannot run ``composition`` (an :class:`adapterkit.core.composition.Block`), or None.
+
+        Torch-free (``validate`` calls it). The default accepts exactly the block kinds in
+        :attr:`composition_kinds`; override it to refuse shapes of tree the method cannot run.
+        """
+        unsupported = [kind for kind in composition.kinds() if kind not in self.composition_kinds]
+        if not unsupported:
+            return None
+        can = (f"it runs {', '.join(self.composition_kinds)} blocks only" if self.composition_kinds
+               else "it has no runtime composition")
+        return f"method {self.name!r} cannot run a {unsupported[0]} composition ({composition!r}): {can}"
+
     # ---- torch: injection, training, extraction, merge ---------------------
     @abstractmethod
     def inject(self, model: torch.nn.Module, config: Mapping[str, Any], adapter_name: str = "default",
@@ -115,6 +131,22 @@ class Method(ABC):
     def unload(self, model: torch.nn.Module) -> torch.nn.Module:
         """Remove every wrapper of this method, returning the base modules."""
         raise NotImplementedError(f"method {self.name!r} cannot be unloaded")
+
+    # ---- runtime composition (adapterkit.core.activation, docs/compose.md) ------
+    def activate_composition(self, model: torch.nn.Module, composition: Any) -> None:
+        """Run only the adapters of ``composition``, combined as its blocks say, until deactivated.
+
+        Called by ``adapterkit.activate`` after it checked that every member is injected into
+        ``model`` under its name with this method, none is merged, and :meth:`composition_refusal`
+        is None. A method that opts in (:attr:`composition_kinds`) overrides this and
+        :meth:`deactivate_composition`.
+        """
+        raise NotImplementedError(self.composition_refusal(composition)
+                                  or f"method {self.name!r} does not implement activate_composition")
+
+    def deactivate_composition(self, model: torch.nn.Module) -> None:
+        """Undo :meth:`activate_composition`: the model runs as after injection again."""
+        raise NotImplementedError(f"method {self.name!r} has no runtime composition")
 
     # ---- ONNX export (adapterkit.core.onnx_export, docs/onnx.md) -------------
     def export_factors(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],

@@ -20,7 +20,13 @@ parallel::
     final = LN(out + r) if original_ln_after else out     # out + r in pre-LN models
 
 Several adapters at one site run as AdapterHub's ``Stack``: each adapter's
-``pre`` and ``forward`` in turn, the last one's ``post``.
+``pre`` and ``forward`` in turn, the last one's ``post``. A runtime composition
+(``adapterkit.activate``, ``BottleneckSite.composition``) runs AdapterHub's
+``compose_stack`` / ``compose_average`` instead: a stack as above over its
+children; an average (or weighted sum) applies the first member's ``pre`` once,
+runs each child on that input and residual, and combines the outputs as
+``mean_i(w_i * out_i)`` (AdapterHub's ``torch.mean(stack * w)``; ``sum_i`` for
+a weighted sum); the last member's ``post`` closes the site.
 
 Injection never replaces a module of the model, so module paths (and every
 other method's canonical keys) stay what they are: a :class:`BottleneckSite`
@@ -216,20 +222,65 @@ class BottleneckSite(nn.Module):
         self.anchor = anchor  # the anchor norm's name, relative to the module holding this container
         self.adapters = nn.ModuleDict()
         self.enabled = True
+        self.composition: Any = None  # a core.composition Block while adapterkit.activate runs one
         self.handles: list[Any] = []
         self._stash: torch.Tensor | None = None  # h (post-LN) or r (pre-LN) of the running forward
 
     @property
     def active(self) -> bool:
+        if self.composition is not None:
+            return self.enabled and any(name in self.adapters for name in self.composition.members())
         return self.enabled and len(self.adapters) > 0
 
     def combine(self, h: torch.Tensor, r: torch.Tensor, norm: nn.Module | None, adds_residual: bool) -> torch.Tensor:
         """Run every adapter (a Stack, in insertion order) on sub-layer output ``h`` and residual ``r``."""
+        if self.composition is not None:
+            hidden, _, last = self._run(self.composition, h, r, r, norm)
+            return self.adapters[last].post(hidden, h, r, norm, adds_residual)
         hidden, adapters = h, list(self.adapters.values())
         for adapter in adapters:
             x, res = adapter.pre(hidden, r, norm)
             hidden = adapter(x, res)
         return adapters[-1].post(hidden, h, r, norm, adds_residual)
+
+    def _holds(self, child: Any) -> bool:
+        return child in self.adapters if isinstance(child, str) else any(n in self.adapters for n in child.members())
+
+    def _run(self, block: Any, hidden: torch.Tensor, r: torch.Tensor, res: torch.Tensor,
+             norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+        """One composition block on the state (hidden, residual input r, adapter residual res); members absent here are skipped.
+
+        Returns the new hidden state, adapter residual and the name of the last adapter that ran.
+        """
+        if block.kind == "stack":  # AdapterHub compose_stack: pre_block + compose_single per adapter
+            last = None
+            for child in block.children:
+                if isinstance(child, str):
+                    if child not in self.adapters:
+                        continue
+                    adapter = self.adapters[child]
+                    x, res = adapter.pre(hidden, r, norm)
+                    hidden, last = adapter(x, res), child
+                elif self._holds(child):
+                    hidden, res, last = self._run(child, hidden, r, res, norm)
+            return hidden, res, last
+        present = [(child, w) for child, w in zip(block.children, _runtime_weights(block)) if self._holds(child)]
+        if not present:
+            return hidden, res, None
+        first = next(name for name in block.leaves() if name in self.adapters)
+        x, res = self.adapters[first].pre(hidden, r, norm)  # AdapterHub pre_block: the first member's pre_forward
+        outputs, last = [], None
+        for child, _ in present:
+            if isinstance(child, str):
+                outputs.append(self.adapters[child](x, res))
+                last = child
+            else:
+                out, _, last = self._run(child, x, r, res, norm)
+                outputs.append(out)
+        weights = torch.tensor([w for _, w in present], dtype=x.dtype, device=x.device).reshape(-1, *[1] * x.dim())
+        stacked = torch.stack(outputs, 0) * weights
+        hidden = torch.mean(stacked, dim=0) if block.kind == "average" else torch.sum(stacked, dim=0)
+        return hidden, res, last
 
     # ---- hooks ----------------------------------------------------------------
     def keep(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> None:
@@ -269,6 +320,11 @@ class BottleneckSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"style={self.style}, site={self.site}, anchor={self.anchor}, enabled={self.enabled}"
+
+
+def _runtime_weights(block: Any) -> list[float]:
+    """Average: AdapterHub's (normalised) weights, averaged by ``torch.mean``; weighted sum: the weights as given."""
+    return block.normalized_weights() if block.kind == "average" else block.coefficients()
 
 
 # ---- where adapters go: site detection --------------------------------------------

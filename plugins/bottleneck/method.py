@@ -70,6 +70,7 @@ class BottleneckMethod(Method):
     version = "1"
     description = "Bottleneck adapters (Houlsby, Pfeiffer, parallel He et al.): AdapterHub seq_bn / double_seq_bn / par_bn math"
     mergeable = False
+    composition_kinds = ("stack", "average", "weighted_sum")
 
     # ---- torch-free -----------------------------------------------------------
     def config_schema(self) -> dict[str, Any]:
@@ -182,6 +183,22 @@ class BottleneckMethod(Method):
 
         for _, site in sites(model):
             site.enabled = enabled
+
+    def activate_composition(self, model: torch.nn.Module, composition: Any) -> None:
+        """Every site runs ``composition`` (AdapterHub's Stack / Average) over the members it holds."""
+        from .layer import sites
+
+        for name in composition.members():
+            if not sites(model, name):
+                raise UsageError(f"the model holds no bottleneck adapter named {name!r}", code="unknown_adapter")
+        for _, site in sites(model):
+            site.composition = composition
+
+    def deactivate_composition(self, model: torch.nn.Module) -> None:
+        from .layer import sites
+
+        for _, site in sites(model):
+            site.composition = None
 
     def unload(self, model: torch.nn.Module) -> torch.nn.Module:
         """Remove every bottleneck site and hook; the model is the base again (nothing was folded in).

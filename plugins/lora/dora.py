@@ -43,6 +43,8 @@ class DoraMethod(LoraMethod):
     description = "DoRA: LoRA direction update with a learned per-output magnitude m (mergeable, not additive)"
     mergeable = True
     params = ("A", "B", "magnitude")
+    #: a DoRA update rescales W + dW row by row, so DoRA adapters do not add up: no runtime composition
+    composition_kinds = ()
 
     def config_schema(self) -> dict[str, Any]:
         return DORA_CONFIG_SCHEMA

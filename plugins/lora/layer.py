@@ -98,6 +98,8 @@ class LoraLayer(nn.Module):
         self.method: dict[str, str] = {}  # adapter name -> method id ("lora", "dora", "qlora")
         self.merged: list[str] = []  # adapter names folded into the weight, in merge order
         self.disabled_methods: set[str] = set()
+        # runtime composition (adapterkit.activate): adapter name -> coefficient; None: every adapter, weight 1
+        self.composition: dict[str, float] | None = None
         self.register_buffer("weight_before_merge", None, persistent=False)
         # the 4-bit base while a dense merged copy stands in for it (kept out of the module tree)
         self.__dict__["quantized_base"] = None
@@ -184,6 +186,11 @@ class LoraLayer(nn.Module):
         for name in self.lora_A:
             if name in self.merged or not self.is_active(name):
                 continue
+            if self.composition is not None:
+                if name not in self.composition:
+                    continue
+                result = result + self._composed_delta(x, name, self.composition[name]).to(result.dtype)
+                continue
             a = self.lora_A[name].to(x.dtype)
             b = self.lora_B[name].to(x.dtype)
             dropout = self.lora_dropout[name]
@@ -198,11 +205,22 @@ class LoraLayer(nn.Module):
             result = result + delta.to(result.dtype)
         return result
 
+    def _composed_delta(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
+        """``weight * scale * B @ A @ x``: one term of a runtime weighted sum (LoRA / QLoRA adapters only)."""
+        a, b = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+        delta = nn.functional.linear(nn.functional.linear(self.lora_dropout[name](x), a), b)
+        return delta * (self.scale[name] * weight)
+
     # ---- merge / enable ---------------------------------------------------
     def merge(self, name: str) -> None:
         """Fold adapter ``name`` into the base weight (a no-op when already merged)."""
         if name not in self.lora_A:
             raise KeyError(name)
+        if self.composition is not None and name not in self.merged:
+            from adapterkit.core.errors import UsageError
+
+            raise UsageError("cannot merge while a runtime composition is active",
+                             hint="adapterkit.deactivate(model) first", code="composition_active")
         if name not in self.merged:
             self.merged.append(name)
             self.sync_weight()

@@ -47,6 +47,7 @@ class LoraMethod(Method):
     version = "1"
     description = "LoRA: low-rank update scale * B @ A of linear / Conv1D weights (mergeable)"
     mergeable = True
+    composition_kinds = ("weighted_sum", "average")
 
     # ---- torch-free ---------------------------------------------------------
     def config_schema(self) -> dict[str, Any]:
@@ -196,6 +197,37 @@ class LoraMethod(Method):
             else:
                 model = base
         return model
+
+    # ---- runtime composition ------------------------------------------------
+    def composition_refusal(self, composition: Any) -> str | None:
+        refusal = super().composition_refusal(composition)
+        if refusal is None and composition.nested:
+            return (f"method {self.name!r} runs one flat weighted_sum or average block of adapter names, "
+                    f"not nested blocks ({composition!r}); compose the inner block into one adapter first")
+        return refusal
+
+    def activate_composition(self, model: torch.nn.Module, composition: Any) -> None:
+        """Every LoRA-family layer runs ``base(x) + sum_i c_i * scale_i * B_i A_i x`` over the members it holds."""
+        from .layer import lora_layers
+
+        coefficients: dict[str, float] = {}
+        for name, coefficient in zip(composition.children, composition.coefficients()):
+            coefficients[name] = coefficients.get(name, 0.0) + coefficient
+        for name in coefficients:
+            self._layers_of(model, name)  # each member is an adapter of this method
+        layers = lora_layers(model)
+        merged = sorted({name for _, layer in layers for name in layer.merged})
+        if merged:
+            raise UsageError("merged adapters stay in the weights whatever the composition says", found=merged,
+                             hint="unmerge them first", code="composition_active")
+        for _, layer in layers:
+            layer.composition = {name: c for name, c in coefficients.items() if name in layer.lora_A}
+
+    def deactivate_composition(self, model: torch.nn.Module) -> None:
+        from .layer import lora_layers
+
+        for _, layer in lora_layers(model):
+            layer.composition = None
 
     # ---- torch helpers ------------------------------------------------------
     @property

@@ -1,0 +1,351 @@
+"""The composition folder: ``composition.json`` + member adapters (or relative references to them).
+
+Torch-free. ``adapterkit validate`` and ``inspect`` recognise a folder holding
+``composition.json`` before format detection (a composition is not an adapter,
+so it is no format plugin); docs/compose.md, "Runtime composition", is the spec::
+
+    my-mix/
+      composition.json        {"format": "adapterkit-composition", "format_version": "1.0",
+                               "composition": {"type": "weighted_sum", "children": ["a", "b"], "weights": [1, 0.5]},
+                               "adapters": {"a": {"path": "adapters/a", "method": "lora"},
+                                            "b": {"path": "../b-lora", "method": "lora"}}}
+      adapters/a/             an adapterkit adapter folder (copied in)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import composition as comp
+from .adapter import Adapter
+from .errors import AdapterkitError, ManifestError, UsageError, VersionError
+from .io import atomic_directory, atomic_write_bytes, canonical_json, read_json
+from .manifest import json_path, parse_version, schema_errors
+from .plugins import Registry, default_registry
+from .validate import ValidationReport
+
+COMPOSITION_NAME = "composition.json"
+FORMAT = "adapterkit-composition"
+FORMAT_VERSION = "1.0"
+CURRENT_MAJOR, CURRENT_MINOR = 1, 0
+MEMBERS_DIR = "adapters"
+BASE_FIELDS = ("name", "model_type", "architecture", "num_parameters")
+
+
+@functools.cache
+def schema(major: int = CURRENT_MAJOR) -> dict[str, Any]:
+    """The composition manifest JSON Schema of a major version (shipped in adapterkit/schema)."""
+    try:
+        text = resources.files("adapterkit.schema").joinpath(f"composition-{major}.json").read_text("utf-8")
+    except FileNotFoundError:
+        raise VersionError(f"no composition schema for major version {major}", expected=f"{CURRENT_MAJOR}") from None
+    return json.loads(text)
+
+
+@functools.cache
+def _relaxed_schema(major: int) -> dict[str, Any]:
+    def relax(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: relax(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
+        return [relax(v) for v in node] if isinstance(node, list) else node
+
+    return relax(schema(major))
+
+
+def is_composition(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a folder holding ``composition.json``."""
+    path = Path(path)
+    return path.is_dir() and (path / COMPOSITION_NAME).is_file()
+
+
+@dataclass
+class CompositionFolder:
+    """A read composition folder: the block, the member references, and (when loaded) the member adapters."""
+
+    path: Path
+    composition: comp.Block
+    references: dict[str, dict[str, Any]]
+    document: dict[str, Any]
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+
+    def member_path(self, name: str) -> Path:
+        return self.path / self.references[name]["path"]
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+def check_document(data: Any, file: str | None = None) -> list[AdapterkitError]:
+    """Every problem of a parsed ``composition.json`` on its own: version, schema, block structure, names."""
+    if not isinstance(data, dict):
+        return [ManifestError("composition.json must hold a JSON object", file=file, location="$",
+                              found=type(data).__name__, code="schema")]
+    if data.get("format") != FORMAT:
+        return [ManifestError("not an adapterkit composition manifest", file=file, location="$.format",
+                              expected=FORMAT, found=data.get("format"), code="schema")]
+    try:
+        major, minor = parse_version(data.get("format_version"), file)
+    except AdapterkitError as exc:
+        return [exc]
+    if major != CURRENT_MAJOR:
+        return [VersionError(f"composition format {major}.{minor} is not readable by this release",
+                             file=file, location="$.format_version", expected=f"{CURRENT_MAJOR}.x",
+                             found=data["format_version"], hint="upgrade adapterkit", code="unsupported_version")]
+    doc = schema(major) if minor <= CURRENT_MINOR else _relaxed_schema(major)
+    errors: list[AdapterkitError] = list(schema_errors(data, doc, file))
+    if errors:
+        return errors
+    block = comp.from_dict(data["composition"])
+    errors.extend(ManifestError(message, file=file, location=where, code="bad_composition")
+                  for where, message in comp.problems(block, "$.composition"))
+    references = data["adapters"]
+    for name in block.members():
+        if name not in references:
+            errors.append(ManifestError(f"the composition uses adapter {name!r}, which $.adapters does not define",
+                                        file=file, location=_leaf_path(block, name), expected=sorted(references),
+                                        code="unknown_adapter"))
+    return errors
+
+
+def _leaf_path(block: comp.Block, name: str, path: str = "$.composition") -> str:
+    for index, child in enumerate(block.children):
+        where = f"{path}.children[{index}]"
+        if child == name:
+            return where
+        if isinstance(child, comp.Block) and name in child.members():
+            return _leaf_path(child, name, where)
+    return path
+
+
+def read_composition(path: str | os.PathLike[str]) -> CompositionFolder:
+    """Read and check ``composition.json`` (members not loaded); raise the first problem."""
+    path = Path(path)
+    file = str(path / COMPOSITION_NAME)
+    data = read_json(file)
+    errors = check_document(data, file)
+    if errors:
+        raise errors[0]
+    return CompositionFolder(path, comp.from_dict(data["composition"]), dict(data["adapters"]), data)
+
+
+def load_composition(path: str | os.PathLike[str], *, registry: Registry | None = None) -> CompositionFolder:
+    """Read a composition folder and load every member adapter (any format) into ``folder.adapters``."""
+    from .api import load
+
+    registry = registry or default_registry()
+    folder = read_composition(path)
+    file = str(folder.path / COMPOSITION_NAME)
+    for name, ref in folder.references.items():
+        where = f"$.adapters{_key(name)}"
+        member = _member_path(folder.path, ref["path"], file, f"{where}.path")
+        adapter = load(member, ref.get("format"), registry=registry)
+        if ref.get("method") and ref["method"] != adapter.method:
+            raise ManifestError(f"member {name!r} is a {adapter.method} adapter, not the recorded {ref['method']}",
+                                file=file, location=f"{where}.method", expected=ref["method"], found=adapter.method,
+                                code="member_mismatch")
+        folder.adapters[name] = adapter
+    return folder
+
+
+def _key(name: str) -> str:
+    return json_path([name])[1:]
+
+
+def _member_path(root: Path, reference: str, file: str, location: str) -> Path:
+    if os.path.isabs(reference) or "\\" in reference:
+        raise ManifestError("a member path must be relative to the composition folder and '/'-separated",
+                            file=file, location=location, found=reference, code="path_escape")
+    member = root / reference
+    if not member.exists():
+        raise ManifestError("member adapter not found", file=file, location=location, found=str(member),
+                            hint="copy the member in (save_composition with an Adapter) or fix the relative path",
+                            code="missing_file")
+    return member
+
+
+# ---- writing ----------------------------------------------------------------------------
+
+def save_composition(
+    out_dir: str | os.PathLike[str],
+    composition: Any,
+    adapters: Mapping[str, Adapter | str | os.PathLike[str]],
+    *,
+    overwrite: bool = False,
+    annotations: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Path:
+    """Write a composition folder atomically.
+
+    ``adapters`` maps each member name to an :class:`Adapter` (written as an adapterkit folder
+    under ``adapters/<name>``) or to a path (recorded relative to ``out_dir``, not copied).
+    """
+    from .api import detect_format
+    from .api import load as load_adapter
+
+    registry = registry or default_registry()
+    block = comp.check(comp.parse(composition))
+    members = block.members()
+    missing, extra = [n for n in members if n not in adapters], sorted(set(adapters) - set(members))
+    if missing or extra:
+        raise UsageError("the adapters must be exactly the composition's members", expected=members,
+                         found=sorted(adapters), hint=f"missing {missing}, unused {extra}", code="bad_composition")
+    out_dir = Path(out_dir)
+    loaded = {n: a if isinstance(a, Adapter) else load_adapter(a, registry=registry) for n, a in adapters.items()}
+    _check_members(block, loaded, registry)
+    references: dict[str, dict[str, Any]] = {}
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for name in members:
+            source = adapters[name]
+            if isinstance(source, Adapter):
+                fmt = registry.format("adapterkit")
+                (tmp / MEMBERS_DIR / name).mkdir(parents=True)
+                fmt.write(source, tmp / MEMBERS_DIR / name, registry=registry)
+                references[name] = {"path": f"{MEMBERS_DIR}/{name}", "method": source.method}
+            else:
+                target = Path(source).resolve()
+                rel = Path(os.path.relpath(target, out_dir.resolve())).as_posix()
+                ref = {"path": rel, "method": loaded[name].method}
+                fmt_name = detect_format(target, registry)
+                if fmt_name != "adapterkit":
+                    ref["format"] = fmt_name
+                references[name] = ref
+        document: dict[str, Any] = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "composition": block.to_dict(), "adapters": references,
+        }
+        base = _common_base(list(loaded.values()))
+        if base:
+            document["base_model"] = base
+        if annotations:
+            document["annotations"] = dict(annotations)
+        errors = check_document(json.loads(canonical_json(document)), str(out_dir / COMPOSITION_NAME))
+        if errors:
+            raise errors[0]
+        atomic_write_bytes(tmp / COMPOSITION_NAME, canonical_json(document))
+    return out_dir
+
+
+def _common_base(adapters: list[Adapter]) -> dict[str, Any]:
+    out = {}
+    for name in BASE_FIELDS:
+        values = {json.dumps(a.manifest.base_model.get(name)) for a in adapters}
+        if len(values) == 1 and adapters[0].manifest.base_model.get(name) is not None:
+            out[name] = adapters[0].manifest.base_model[name]
+    return out
+
+
+def _check_members(block: comp.Block, adapters: Mapping[str, Adapter], registry: Registry) -> Any:
+    """One method that can run ``block``, one base: raise UsageError naming the problem."""
+    from .compose import _check_base
+
+    methods = sorted({a.method for a in adapters.values()})
+    if len(methods) > 1:
+        raise UsageError("a composition's members must be of one method", found=methods,
+                         hint="compose adapters of each method separately", code="mixed_methods")
+    method = registry.method(methods[0])
+    refusal = method.composition_refusal(block)
+    if refusal:
+        raise UsageError(refusal, code="composition_unsupported")
+    _check_base(list(adapters.values()))
+    return method
+
+
+# ---- validate / inspect ------------------------------------------------------------------
+
+def validate_composition(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+                         registry: Registry | None = None) -> ValidationReport:
+    """Every problem of a composition folder: manifest, members (each validated), methods, one base, weights."""
+    from .api import validate
+
+    registry = registry or default_registry()
+    path = Path(path)
+    file = str(path / COMPOSITION_NAME)
+    report = ValidationReport(str(path), format=FORMAT)
+    try:
+        data = read_json(file)
+    except AdapterkitError as exc:
+        report.error(exc)
+        return report
+    errors = check_document(data, file)
+    report.checks.append("composition manifest schema")
+    if errors:
+        report.errors.extend(errors)
+        return report
+    block = comp.from_dict(data["composition"])
+    report.checks.append("composition structure and weights")
+    unused = sorted(set(data["adapters"]) - set(block.members()))
+    for name in unused:
+        report.warn(AdapterkitError(f"adapter {name!r} is not used by the composition", file=file,
+                                    location=f"$.adapters{_key(name)}", code="unused_adapter"))
+    adapters: dict[str, Adapter] = {}
+    for name in block.members():
+        ref, where = data["adapters"][name], f"$.adapters{_key(name)}"
+        try:
+            member = _member_path(path, ref["path"], file, f"{where}.path")
+        except AdapterkitError as exc:
+            report.error(exc)
+            continue
+        sub = validate(member, base, format=ref.get("format"), registry=registry)
+        for exc in sub.errors:
+            report.error(_prefixed(exc, name, where))
+        for exc in sub.warnings:
+            report.warn(_prefixed(exc, name, where))
+        if sub.adapter is None or sub.errors:
+            continue
+        if ref.get("method") and ref["method"] != sub.adapter.method:
+            report.error(ManifestError(f"member {name!r} is a {sub.adapter.method} adapter, not the recorded "
+                                       f"{ref['method']}", file=file, location=f"{where}.method",
+                                       expected=ref["method"], found=sub.adapter.method, code="member_mismatch"))
+            continue
+        adapters[name] = sub.adapter
+    report.checks.append("member adapters" + (" and their fit to the base" if base is not None else ""))
+    if base is None:
+        report.not_checked.append("fit of the members to a base model (pass --base)")
+    if len(adapters) == len(block.members()):
+        methods = sorted({a.method for a in adapters.values()})
+        report.method = methods[0] if len(methods) == 1 else None
+        try:
+            _check_members(block, adapters, registry)
+        except AdapterkitError as exc:
+            exc.file = exc.file or file
+            exc.location = exc.location or "$.composition"
+            report.error(exc)
+        report.checks.append("members share one method that runs the composition, and one base")
+    else:
+        report.not_checked.append("one method and one base across the members (a member did not load)")
+    return report
+
+
+def _prefixed(exc: AdapterkitError, name: str, where: str) -> AdapterkitError:
+    exc.message = f"member {name!r} ({where}): {exc.message}"
+    return exc
+
+
+def inspect_composition(path: str | os.PathLike[str], *, registry: Registry | None = None) -> dict[str, Any]:
+    """The summary ``adapterkit inspect`` gives a composition folder (members loaded and summarised)."""
+    from .api import summarize
+
+    folder = load_composition(path, registry=registry)
+    block = folder.composition
+    weighted = [{"type": b.kind, "children": [c if isinstance(c, str) else c.kind for c in b.children],
+                 "coefficients": b.coefficients()}
+                for b in block.blocks() if isinstance(b, (comp.Average, comp.WeightedSum))]
+    return {
+        "path": str(folder.path),
+        "format": FORMAT,
+        "format_version": folder.document["format_version"],
+        "composition": block.to_dict(),
+        "kinds": block.kinds(),
+        "coefficients": weighted,
+        "method": next(iter({a.method for a in folder.adapters.values()})),
+        "base_model": folder.document.get("base_model", {}),
+        "members": {name: {"path": ref["path"], **{k: v for k, v in summarize(folder.adapters[name]).items()
+                                                    if k in ("format", "method", "targets", "ranks", "parameters")}}
+                    for name, ref in folder.references.items()},
+        "parameters": sum(a.num_parameters for a in folder.adapters.values()),
+    }
