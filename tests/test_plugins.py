@@ -450,3 +450,47 @@ def test_a_third_party_entry_point_cannot_shadow_a_built_in(tmp_path, monkeypatc
     # the clash is reported, not silently dropped
     reported = [e for info in registry.plugins.values() for e in info.errors if "shadow" in e]
     assert reported or any(info.distribution == "shadow" and info.errors for info in registry.plugins.values())
+
+
+# ---- plugin API versions and hook coverage -------------------------------------------
+
+def test_a_format_targeting_another_plugin_api_is_refused_with_a_clear_message():
+    future_format = type("FutureFormat", (ToyFormat,), {"name": "futurefmt", "api_version": "2"})()
+
+    def adapterkit_register_formats(register):
+        register(future_format)
+        register(ToyFormat())
+
+    registry = registry_with(("future_fmt", plugin(adapterkit_register_formats=adapterkit_register_formats)))
+    errors = registry.plugins["future_fmt"].errors
+    assert errors == ["Format 'futurefmt' targets plugin API 2, this adapterkit provides 1"]
+    assert "futurefmt" not in registry.formats and "toyfmt" in registry.formats
+
+
+def test_a_module_targeting_another_plugin_api_is_shown_by_the_cli(tmp_path, monkeypatch, fresh_default_registry):
+    fake_distribution(tmp_path, "oldplug", "oldplug_mod", 'ADAPTERKIT_PLUGIN_API = "0"\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from adapterkit.cli.main import cli
+
+    try:
+        result = CliRunner().invoke(cli, ["plugins"])
+    finally:
+        sys.modules.pop("oldplug_mod", None)
+    assert result.exit_code == 1
+    assert "oldplug  [FAILED]  oldplug 0.1" in result.stdout
+    assert "targets plugin API 0, this adapterkit provides 1; upgrade the plugin or adapterkit" in result.stdout
+
+
+def test_every_hook_has_a_test():
+    """datasette's rule: each hook spec is exercised by at least one test of this module."""
+    import inspect as inspect_mod
+
+    from adapterkit.core import hookspecs
+
+    marker = f"{hookspecs.PROJECT}_spec"
+    specs = [name for name, fn in vars(hookspecs).items() if callable(fn) and hasattr(fn, marker)]
+    assert specs
+    source = inspect_mod.getsource(sys.modules[__name__])
+    tests = [chunk for chunk in source.split("\ndef test_")[1:]]
+    untested = [name for name in specs if not any(name in chunk for chunk in tests)]
+    assert not untested, f"hooks without a test in tests/test_plugins.py: {untested}"

@@ -55,15 +55,17 @@ def trained(smollm2_dir, tmp_path_factory) -> tuple[Path, Adapter]:
     return adapterkit.save(adapter, tmp_path_factory.mktemp("real") / "src"), adapter
 
 
-def formats() -> list[str]:
-    return sorted(name for name in default_registry().formats if name != "adapterkit")
+BUILT_IN_FORMATS = ["adapterhub", "gguf", "kohya", "mlx", "onnx-adapter", "peft", "torchtune"]
 
 
 def test_every_built_in_format_is_covered():
-    assert {"peft", "mlx", "torchtune", "adapterhub", "gguf", "kohya", "onnx-adapter"} <= set(formats())
+    """Third-party formats (the IA3 example's peft-ia3) are not ours to round-trip a LoRA through."""
+    formats = default_registry().formats
+    ours = {name for name, fmt in formats.items() if type(fmt).__module__.startswith("adapterkit.plugins.")}
+    assert ours - {"adapterkit"} == set(BUILT_IN_FORMATS)
 
 
-@pytest.mark.parametrize("fmt", [f for f in formats() if f not in ("adapterhub", "onnx-adapter")])
+@pytest.mark.parametrize("fmt", [f for f in BUILT_IN_FORMATS if f not in ("adapterhub", "onnx-adapter")])
 def test_to_the_format_and_back_gives_the_same_adapter(fmt, trained, smollm2_dir, tmp_path):
     src, adapter = trained
     options = {"base": smollm2_dir} if fmt in NEEDS_BASE else {}

@@ -1,0 +1,137 @@
+"""The peft-ia3 format against the real PEFT: PEFT loads what we write, we read what PEFT writes (1e-5),
+and our keys, shapes and config fields are PEFT's own."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adapterkit
+from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+
+from ia3_helpers import CONFIGS
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+ATOL = 1e-5
+PARITY: dict[str, dict[str, float]] = {}  # kind -> max abs logit difference (printed with -s)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", module="peft")
+    yield
+    torch.set_num_threads(threads)
+
+
+def peft_written(kind: str, folder: Path, seed: int = 5) -> tuple[Path, object]:
+    """An IA3 adapter made and saved by PEFT itself, with random non-trivial vectors; and the PEFT model."""
+    config = peft.IA3Config(**CONFIGS[kind], task_type="CAUSAL_LM" if kind != "bert" else None)
+    model = peft.get_peft_model(TINY_MODELS[kind](0), config).eval()
+    perturb([p for n, p in model.named_parameters() if "ia3_l" in n], seed=seed, scale=0.5)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_peft_loads_what_we_write(kind, tmp_path):
+    model = TINY_MODELS[kind](0)
+    handle = adapterkit.inject(model, "ia3", CONFIGS[kind])
+    perturb(handle.parameters(), seed=2, scale=0.5)
+    inputs = sample_inputs()
+    ours = outputs(model, inputs)
+    folder = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft-ia3")
+    theirs = outputs(peft.PeftModel.from_pretrained(TINY_MODELS[kind](0), str(folder)).eval(), inputs)
+    diff = (theirs - ours).abs().max().item()
+    PARITY.setdefault(kind, {})["ours->peft"] = diff
+    print(f"\n{kind}: ours -> PEFT max abs logit diff {diff:.3g}")
+    assert diff <= ATOL
+    base = outputs(TINY_MODELS[kind](0), inputs)
+    change = ((ours - base).abs().max() / base.abs().max()).item()  # tiny BERT's head gives logits ~0.02
+    assert change > 0.005, f"the vectors barely change the logits ({change:.3g} relative): the parity would prove little"
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_we_read_what_peft_writes(kind, tmp_path):
+    folder, peft_model = peft_written(kind, tmp_path / "peft")
+    base = tmp_path / "base"
+    TINY_MODELS[kind](0).save_pretrained(base)
+    assert adapterkit.detect_format(folder) == "peft-ia3"
+    report = adapterkit.validate(folder, base=base)
+    assert report.valid and report.format == "peft-ia3", [str(e) for e in report.errors]
+    adapter = adapterkit.load(folder, base=base)
+    assert adapter.method == "ia3"
+    inputs = sample_inputs()
+    ours = outputs(adapterkit.apply(adapter, TINY_MODELS[kind](0)), inputs)
+    diff = (ours - outputs(peft_model, inputs)).abs().max().item()
+    PARITY.setdefault(kind, {})["peft->ours"] = diff
+    print(f"\n{kind}: PEFT -> ours max abs logit diff {diff:.3g}")
+    assert diff <= ATOL
+    # the same reading from a live torch model as the base
+    again = adapterkit.load(folder, base=TINY_MODELS[kind](0))
+    assert again.targets == adapter.targets
+    # and back: byte-identical tensors, the same keys and shapes PEFT wrote
+    out = adapterkit.save(adapter, tmp_path / "back", format="peft-ia3")
+    from adapterkit_ia3 import st
+
+    theirs, ours_back = st.load(folder / "adapter_model.safetensors"), st.load(out / "adapter_model.safetensors")
+    assert sorted(theirs) == sorted(ours_back)
+    for key in theirs:
+        assert theirs[key].shape == ours_back[key].shape and theirs[key].tobytes() == ours_back[key].tobytes(), key
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_layout_and_config_match_peft(kind, tmp_path):
+    """Keys and shapes ([out, 1] output-scaled, [1, in] feed-forward) and the config PEFT's IA3Config reads."""
+    folder, _ = peft_written(kind, tmp_path / "peft")
+    model = TINY_MODELS[kind](0)
+    handle = adapterkit.inject(model, "ia3", CONFIGS[kind])
+    ours = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft-ia3")
+    from adapterkit_ia3 import st
+
+    theirs_t, ours_t = st.load(folder / "adapter_model.safetensors"), st.load(ours / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours_t.items()} == {k: v.shape for k, v in theirs_t.items()}
+    assert all(np.all(v == 1) for v in ours_t.values()), "(IA)^3 starts at ones, like PEFT's init_ia3_weights"
+    feedforward = [k for k, v in theirs_t.items() if v.shape[0] == 1]
+    assert feedforward and all(ours_t[k].shape[0] == 1 for k in feedforward)
+    config = json.loads((ours / "adapter_config.json").read_text())
+    reference = json.loads((folder / "adapter_config.json").read_text())
+    assert set(config) <= set(reference) | {"peft_version"}, set(config) - set(reference)
+    for field in ("peft_type", "fan_in_fan_out", "init_ia3_weights", "modules_to_save", "exclude_modules"):
+        assert config[field] == reference[field], field
+    loaded = peft.PeftConfig.from_pretrained(str(ours))
+    assert isinstance(loaded, peft.IA3Config) and loaded.peft_type == peft.PeftType.IA3
+
+
+def test_builtin_peft_format_does_not_claim_ia3_folders(tmp_path):
+    folder, _ = peft_written("llama", tmp_path / "peft")
+    registry = adapterkit.default_registry()
+    assert not registry.format("peft").detect(folder)
+    with pytest.raises(adapterkit.FormatError, match="not a PEFT LoRA config") as info:
+        adapterkit.load(folder, format="peft")
+    assert "IA3" in str(info.value)
+
+
+def test_reading_needs_the_base_and_refuses_extra_weights(tmp_path):
+    folder, _ = peft_written("llama", tmp_path / "peft")
+    with pytest.raises(adapterkit.FormatError, match="base model is needed"):
+        adapterkit.load(folder)
+    # a sequence classifier: PEFT saves the head (modules_to_save) beside the vectors; we say it would be lost
+    config = peft.IA3Config(**CONFIGS["bert"], task_type="SEQ_CLS")
+    peft.get_peft_model(TINY_MODELS["bert"](0), config).save_pretrained(tmp_path / "cls")
+    with pytest.raises(adapterkit.LossyConversionError, match="would be lost"):
+        adapterkit.load(tmp_path / "cls", base=TINY_MODELS["bert"](0))
+
+
+def test_only_ia3_adapters_are_written(tmp_path):
+    model = TINY_MODELS["llama"](0)
+    handle = adapterkit.inject(model, "lora", {"r": 2, "target_modules": ["q_proj"]})
+    with pytest.raises(adapterkit.LossyConversionError, match="holds \\(IA\\)\\^3 adapters"):
+        adapterkit.save(handle.to_adapter(), tmp_path / "x", format="peft-ia3")
+    assert not (tmp_path / "x").exists()
