@@ -14,6 +14,8 @@ from typing import Any
 
 from .errors import UsageError
 from .io import atomic_write_bytes
+from .units import human_bytes as size
+from .units import human_count as count
 
 
 def seconds(value: float | None) -> str:
@@ -22,25 +24,6 @@ def seconds(value: float | None) -> str:
     if abs(value) < 1:
         return f"{value * 1000:.1f} ms"
     return f"{value:.3f} s"
-
-
-def size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
 
 
 def _timing(t: Any) -> list[str]:

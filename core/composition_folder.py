@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from . import composition as comp
 from .adapter import Adapter
 from .errors import AdapterkitError, ManifestError, UsageError, VersionError
 from .io import atomic_directory, atomic_write_bytes, canonical_json, read_json
-from .manifest import json_path, parse_version, schema_errors
+from .manifest import json_path, packaged_schema, parse_version, relax_schema, schema_errors
 from .plugins import Registry, default_registry
 from .validate import ValidationReport
 
@@ -39,24 +38,18 @@ MEMBERS_DIR = "adapters"
 BASE_FIELDS = ("name", "model_type", "architecture", "num_parameters")
 
 
-@functools.cache
 def schema(major: int = CURRENT_MAJOR) -> dict[str, Any]:
     """The composition manifest JSON Schema of a major version (shipped in adapterkit/schema)."""
     try:
-        text = resources.files("adapterkit.schema").joinpath(f"composition-{major}.json").read_text("utf-8")
-    except FileNotFoundError:
-        raise VersionError(f"no composition schema for major version {major}", expected=f"{CURRENT_MAJOR}") from None
-    return json.loads(text)
+        return packaged_schema("composition", major)
+    except VersionError as exc:
+        exc.expected = f"{CURRENT_MAJOR}"
+        raise
 
 
 @functools.cache
 def _relaxed_schema(major: int) -> dict[str, Any]:
-    def relax(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: relax(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
-        return [relax(v) for v in node] if isinstance(node, list) else node
-
-    return relax(schema(major))
+    return relax_schema(schema(major))
 
 
 def is_composition(path: str | os.PathLike[str]) -> bool:

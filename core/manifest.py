@@ -40,27 +40,37 @@ def register_migration(source_version: str) -> Callable[[Migration], Migration]:
 
 
 @functools.cache
+def packaged_schema(name: str, major: int) -> dict[str, Any]:
+    """The JSON Schema ``<name>-<major>.json`` shipped in adapterkit/schema (``manifest``, ``composition``)."""
+    try:
+        text = resources.files("adapterkit.schema").joinpath(f"{name}-{major}.json").read_text("utf-8")
+    except FileNotFoundError:
+        raise VersionError(f"no {name} schema for major version {major}") from None
+    return json.loads(text)
+
+
+def relax_schema(node: Any) -> Any:
+    """A schema without ``additionalProperties: false``, for documents of a newer minor version."""
+    if isinstance(node, dict):
+        return {k: relax_schema(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
+    if isinstance(node, list):
+        return [relax_schema(v) for v in node]
+    return node
+
+
 def schema(major: int = CURRENT_MAJOR) -> dict[str, Any]:
     """The manifest JSON Schema of a major version (shipped in adapterkit/schema)."""
     try:
-        text = resources.files("adapterkit.schema").joinpath(f"manifest-{major}.json").read_text("utf-8")
-    except FileNotFoundError:
-        raise VersionError(f"no manifest schema for major version {major}", expected=f"{CURRENT_MAJOR}") from None
-    return json.loads(text)
+        return packaged_schema("manifest", major)
+    except VersionError as exc:
+        exc.expected = f"{CURRENT_MAJOR}"
+        raise
 
 
 @functools.cache
 def _relaxed_schema(major: int) -> dict[str, Any]:
     """The schema without ``additionalProperties: false``, for newer minors."""
-
-    def relax(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: relax(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
-        if isinstance(node, list):
-            return [relax(v) for v in node]
-        return node
-
-    return relax(schema(major))
+    return relax_schema(schema(major))
 
 
 def parse_version(value: Any, file: str | None = None) -> tuple[int, int]:
