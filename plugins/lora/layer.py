@@ -183,26 +183,38 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)
         result = base_out
-        for name in self.lora_A:
-            if name in self.merged or not self.is_active(name):
+        # attributes read once: module attribute lookups are a measurable share of a small-rank overhead
+        lora_a, lora_b, dropouts, magnitudes = self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude
+        merged, composition, scales = self.merged, self.composition, self.scale
+        for name in lora_a:
+            if name in merged or not self.is_active(name):
                 continue
-            if self.composition is not None:
-                if name not in self.composition:
+            if composition is not None:
+                if name not in composition:
                     continue
-                result = result + self._composed_delta(x, name, self.composition[name]).to(result.dtype)
+                result = result + self._composed_delta(x, name, composition[name]).to(result.dtype)
                 continue
-            a = self.lora_A[name].to(x.dtype)
-            b = self.lora_B[name].to(x.dtype)
-            dropout = self.lora_dropout[name]
-            if name in self.lora_magnitude:
+            a, b = lora_a[name], lora_b[name]
+            if a.dtype != x.dtype:
+                a, b = a.to(x.dtype), b.to(x.dtype)
+            dropout = dropouts[name]
+            if name in magnitudes:
                 extra = dora_math.forward_extra(
-                    x, a, b, self.lora_magnitude[name], self.scale[name], self.dense_weight(),
+                    x, a, b, magnitudes[name], scales[name], self.dense_weight(),
                     getattr(self.base_layer, "bias", None), base_out, dropout,
                 )
                 result = result + extra.to(result.dtype)
                 continue
-            delta = nn.functional.linear(nn.functional.linear(dropout(x), a), b) * self.scale[name]
-            result = result + delta.to(result.dtype)
+            hidden = nn.functional.linear(x if isinstance(dropout, nn.Identity) else dropout(x), a)
+            if result.dtype == hidden.dtype:
+                # result + scale * hidden @ B^T in one BLAS call: no separate multiply and add passes
+                # over the [tokens, out] output (most of a small rank's unmerged overhead)
+                flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.t(),
+                                   alpha=scales[name])
+                result = flat.view(result.shape)
+            else:
+                delta = nn.functional.linear(hidden, b) * scales[name]
+                result = result + delta.to(result.dtype)
         return result
 
     def _composed_delta(self, x: torch.Tensor, name: str, weight: float) -> torch.Tensor:
