@@ -23,7 +23,10 @@ Methods plug in through :class:`adapterkit.core.method.Method`:
   preferred: DoRA rescales rows by a magnitude, QLoRA adds to ``Q(W)``;
 - ``quantized_modules(config, base_dir)`` with ``base_weight(module, target,
   config, weight)``, when defined, rewrite base layers the adapter does not adapt
-  (QLoRA: every layer the trained model had in 4 bits is written as ``Q(W)``).
+  (QLoRA: every layer the trained model had in 4 bits is written as ``Q(W)``);
+- ``merged_bias(module, target, config, tensors, base_bias)``, when defined, gives
+  each adapted module's new bias (float32; a method that scales a module's whole
+  output, like (IA)^3, scales the bias too); modules without a stored bias are skipped.
 
 ``tensors`` holds the module's tensors under their canonical keys.
 """
@@ -96,7 +99,8 @@ def merge_into_base(
         raise UsageError("the output folder is the base model folder", file=str(out_dir),
                          hint="write the merged model to a new folder", code="output_is_input")
     base = read_base_model(base_dir)
-    plan = plan_merge(adapter, base, dtype, _rewritten_modules(method, adapter, base_dir))
+    plan = plan_merge(adapter, base, dtype, _rewritten_modules(method, adapter, base_dir),
+                      biases=callable(getattr(method, "merged_bias", None)))
     updates = _Updates(adapter, method)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp, _progress_bar(plan.nbytes, progress) as bar, \
             single_threaded_blas():
@@ -143,6 +147,8 @@ class _Updates:
         weight = base.astype(work, copy=False)  # base is a fresh array read for this call: safe to update
         if how == "base":
             result, what = self.method.base_weight(module, target, config, weight), "base_weight"  # type: ignore[attr-defined]
+        elif how == "bias":
+            result, what = self.method.merged_bias(module, target, config, tensors, weight), "merged_bias"  # type: ignore[attr-defined]
         elif callable(self.merged_weight):
             result, what = self.merged_weight(module, target, config, tensors, weight), "merged_weight"
         else:

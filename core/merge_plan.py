@@ -48,7 +48,8 @@ class OutTensor:
     module: str | None = None  # the module whose weight this is, when the method changes it
     target: Mapping[str, Any] | None = None
     #: "update": an adapted module (merged_weight, or base + delta_weight);
-    #: "base": a module the method rewrites without adapting it (base_weight; QLoRA's quantisation)
+    #: "base": a module the method rewrites without adapting it (base_weight; QLoRA's quantisation);
+    #: "bias": an adapted module's bias, which the method rewrites too (merged_bias)
     how: str = "update"
 
     @property
@@ -112,11 +113,12 @@ def _is_head(module: str) -> bool:
 
 
 def plan_merge(adapter: Adapter, base: BaseModelInfo, dtype: str | None = None,
-               rewritten: Mapping[str, Mapping[str, Any]] | None = None) -> MergePlan:
+               rewritten: Mapping[str, Mapping[str, Any]] | None = None, biases: bool = False) -> MergePlan:
     """Check ``adapter`` against ``base`` and decide every output tensor (headers only).
 
     ``rewritten``: modules the method changes without adapting them (path -> ``{"kind", "shape"}``),
-    written through the method's ``base_weight``.
+    written through the method's ``base_weight``. ``biases``: the method also rewrites each adapted
+    module's stored bias (its ``merged_bias``; (IA)^3 scales a module's whole output).
     """
     config = base.config
     base_dir = str(base.path)
@@ -166,6 +168,9 @@ def plan_merge(adapter: Adapter, base: BaseModelInfo, dtype: str | None = None,
         if may_tie and _is_head(module):
             untie = True  # stored but tied: from_pretrained would re-tie it and drop the merge
         adapted[key] = (module, target, "update")
+        bias_key = base.resolve(f"{module}.bias") if biases else None
+        if bias_key is not None and base.weights[bias_key].dtype in MERGEABLE_DTYPES:
+            adapted[bias_key] = (module, target, "bias")
     for module, target in sorted((rewritten or {}).items()):
         key = base.resolve(f"{module}.weight")
         if module in adapter.targets or key is None or key in adapted:

@@ -14,7 +14,7 @@ from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
 
 from ia3_helpers import CONFIGS, run_cli, save_tiny_base
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +111,17 @@ def merged_logits_match(base: Path, adapter: Path, merged: Path, kind: str) -> f
 
 def test_merge(work):
     root, paths = work
-    for name in ("llama", "gpt2ff"):  # bias-free Linear outputs and inputs; Conv1D inputs (rows of [in, out])
+    # bias-free Linear outputs and inputs; Conv1D inputs (rows of [in, out]); Conv1D outputs with a bias
+    # (GPT-2's c_attn: merged_bias scales it too)
+    for name in ("llama", "gpt2ff", "gpt2"):
         base, adapter = paths[name]
         out = root / f"merged-{name}"
         result = cli("merge", str(adapter), "--base", str(base), "-o", str(out))
         assert result.exit_code == 0, result.output
         assert merged_logits_match(base, adapter, out, name.removesuffix("ff")) <= 1e-5
-    # output-scaled modules with a bias: the offline merge cannot scale the bias, so it refuses cleanly
-    base, adapter = paths["gpt2"]
-    result = cli("merge", str(adapter), "--base", str(base), "-o", str(root / "merged-gpt2"))
-    assert result.exit_code == 1 and "bias" in result.output and "Traceback" not in result.output
-    assert not (root / "merged-gpt2").exists()
 
 
 def test_export_onnx_merged(work):
-    pytest.importorskip("onnxruntime")
     root, paths = work
     base, adapter = paths["gpt2"]  # the torch merge scales biases too, so GPT-2's c_attn exports
     out = root / "onnx"

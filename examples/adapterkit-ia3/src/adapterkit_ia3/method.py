@@ -140,22 +140,26 @@ class Ia3Method(Method):
                       tensors: Mapping[str, np.ndarray], base_weight: np.ndarray) -> np.ndarray:
         """The stored weight with its rows or columns multiplied by ``l`` (float32), for ``adapterkit merge``.
 
-        An output-scaled module with a bias cannot be merged here: the offline merge rewrites
-        weights only, and ``l * (W x + b)`` also needs ``l * b``.
+        An output-scaled module's bias is scaled by :meth:`merged_bias`.
         """
-        if not target.get("feedforward") and target.get("bias", True):
-            why = "has a bias" if "bias" in target else "may have a bias (the adapter does not record it)"
-            raise UsageError(
-                f"(IA)^3 scales the output of {module}, which {why}: folding it needs the bias scaled too, "
-                "and adapterkit's offline merge rewrites weights only", location=module,
-                hint="merge in torch instead (InjectedAdapter.merge(), or export onnx --mode merged), "
-                     "or adapt bias-free / feed-forward modules", code="not_mergeable")
         vector = self._vector(module, tensors).astype(np.float32)
         weight = np.asarray(base_weight, dtype=np.float32)
         if weight.shape != tuple(target["shape"]) or vector.shape != (weight.shape[scaled_axis(target)],):
             raise BaseModelError(f"{module}: base weight {list(weight.shape)} does not fit the (IA)^3 vector "
                                  f"{list(vector.shape)}", location=module, code="shape_mismatch")
         return weight * (vector[:, None] if scaled_axis(target) == 0 else vector[None, :])
+
+    def merged_bias(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],
+                    tensors: Mapping[str, np.ndarray], base_bias: np.ndarray) -> np.ndarray:
+        """The stored bias for ``adapterkit merge``: ``l * b`` when the output is scaled, else unchanged."""
+        bias = np.asarray(base_bias, dtype=np.float32)
+        if target.get("feedforward"):
+            return bias  # the input is scaled: W (l * x) + b leaves b alone
+        vector = self._vector(module, tensors).astype(np.float32)
+        if bias.shape != vector.shape:
+            raise BaseModelError(f"{module}: base bias {list(bias.shape)} does not fit the (IA)^3 vector "
+                                 f"{list(vector.shape)}", location=module, code="shape_mismatch")
+        return bias * vector
 
     def _vector(self, module: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         value = tensors.get(f"{module}.{self.name}.{PARAM}", tensors.get(PARAM))
