@@ -26,7 +26,7 @@ from typing import Any
 from .errors import AdapterkitError, UsageError
 from .real_models import SMOLLM2_NAME, quiet_transformers, smollm2_path
 
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = 60
 DEFAULT_LR = 2e-3
 BATCH_SIZE = 8
 VALIDATION_SIZE = 16
