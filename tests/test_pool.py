@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import AdapterkitError, UsageError  # noqa: E402
@@ -170,7 +170,7 @@ def test_rows_without_adapter_are_the_base(kernel, adapters):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_matches_peft_mixed_batch(kind, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     configs = {
         "a": {"r": 4, "lora_alpha": 8},
         "b": {"r": 2, "lora_alpha": 3, "use_rslora": True},

@@ -93,7 +93,7 @@ def test_lora_average_is_adapterhubs_mean_of_weighted_updates():
 
 
 def test_lora_weights_one_equal_peft_with_both_adapters_active(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model, names = lora_model("llama", 2)
     for name in names:
         adapterkit.save(adapterkit.attached(model)[name].to_adapter(), tmp_path / name, format="peft", registry=REG)

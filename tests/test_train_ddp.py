@@ -147,7 +147,7 @@ def test_sync_gradients_sums_and_keeps_missing_gradients_missing(tmp_path):
 
     mp.spawn(_sync_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"sync-{rank}.pt")
+        got = torch.load(tmp_path / f"sync-{rank}.pt", weights_only=True)
         assert torch.equal(got["used"], torch.tensor([1.0, 2.0, 3.0]))
         assert torch.equal(got["shared"], torch.full((3,), 3.0))
         assert got["unused"] is None  # as in one process: AdamW skips it (no decay, no state)
