@@ -500,3 +500,57 @@ def test_smollm2_merged_and_swappable(smollm2_dir, tmp_path):
         assert (out / DATA_NAME).stat().st_size > 500_000_000 > (out / MODEL_NAME).stat().st_size
         assert check_export(out).ok
     assert len(json.loads((swappable / MANIFEST_NAME).read_text())["verification"]["max_abs_diff"]) == 4
+
+
+SMOLLM2_METHODS = [
+    ("dora", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    ("bottleneck", {"reduction_factor": 16}),
+    ("prompt", {"num_virtual_tokens": 8}),
+]
+# prefix tuning on SmolLM2 is left out: with random prefixes the export's own check found ONNX Runtime
+# 2.6e-4 from torch in one run and 2.0e-3 in another (docs/onnx.md, Limits); tiny models cover its export.
+
+
+@pytest.mark.parametrize(("method", "config"), SMOLLM2_METHODS, ids=[m for m, _ in SMOLLM2_METHODS])
+def test_smollm2_every_method_merged(method, config, smollm2_dir, tmp_path):
+    """Each method on the real model, exported merged (folded, or traced with its modules) and run in ONNX
+    Runtime on text of another shape than the traced one, against torch with the adapter applied in
+    float32 (bound 1e-4 + 1e-5 * max|logit|, the export's own check). The distance to a float64 torch
+    run is printed too (pytest -s): it shows how much of the difference is float32 rounding."""
+    from transformers import AutoTokenizer
+
+    from adapterkit.core.onnx_trace import load_base
+
+    model = load_base(smollm2_dir)
+    torch.manual_seed(0)  # the methods' own initialisation too, so that every run exports the same adapter
+    handle = adapterkit.inject(model, method, config)
+    perturb(handle.parameters(), seed=3, scale=0.02)
+    adapter = handle.to_adapter()
+    del model, handle
+    out = export_onnx(adapter, smollm2_dir, tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    enc = tokenizer(["The quick brown fox jumps over the lazy dog, twice over.", "47 -> forty-seven\n83 ->"],
+                    return_tensors="pt", padding=True)
+    found = run(session(out), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    real = enc["attention_mask"].numpy().astype(bool)
+    references = {}
+    for dtype in (torch.float32, torch.float64):
+        model = adapterkit.apply(adapter, load_base(smollm2_dir).to(dtype))
+        with torch.no_grad():
+            references[dtype] = model(**enc).logits.double().numpy()
+        del model
+    diff32 = float(np.abs(found - references[torch.float32])[real].max())
+    diff64 = float(np.abs(found - references[torch.float64])[real].max())
+    largest = float(np.abs(references[torch.float64])[real].max())
+    base_diff = float(np.abs(found - _base_logits(smollm2_dir, enc))[real].max())
+    print(method, f"ORT vs torch float32 {diff32:.2e}, vs float64 {diff64:.2e}, max|logit| {largest:.1f}, "
+                  f"adapter effect {base_diff:.2e}")
+    assert base_diff > 1e-2  # the adapter is in the graph
+    assert diff32 <= ATOL + 1e-5 * largest
+
+
+def _base_logits(base_dir: Path, enc: Any) -> np.ndarray:
+    from adapterkit.core.onnx_trace import load_base
+
+    with torch.no_grad():
+        return load_base(base_dir)(**enc).logits.double().numpy()
