@@ -58,6 +58,7 @@ _LAZY = {
     "get_plugin_manager": "adapterkit.core.plugins",
     "default_registry": "adapterkit.core.plugins",
     "Registry": "adapterkit.core.plugins",
+    "targets_fingerprint": "adapterkit.core.base_model",
     # errors
     "AdapterkitError": "adapterkit.core.errors",
     "ManifestError": "adapterkit.core.errors",

@@ -147,7 +147,7 @@ class PeftIa3Format(Format):
         if len(dtypes) != 1 or dtypes.copy().pop() not in DTYPE_NAMES:
             raise FormatError("the (IA)^3 vectors must share one float dtype", file=str(tensor_path),
                               found=sorted(dtypes), code="dtype")
-        from adapterkit.core.base_model import targets_fingerprint  # documented in docs/plugins.md (Format.read)
+        from adapterkit import targets_fingerprint
 
         target_rule = config.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in targets})
         manifest_config: dict[str, Any] = {
