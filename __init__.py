@@ -59,6 +59,9 @@ _LAZY = {
     "default_registry": "adapterkit.core.plugins",
     "Registry": "adapterkit.core.plugins",
     "targets_fingerprint": "adapterkit.core.base_model",
+    "read_safetensors": "adapterkit.core.safetensors_io",
+    "read_safetensors_header": "adapterkit.core.safetensors_io",
+    "write_safetensors": "adapterkit.core.safetensors_io",
     # errors
     "AdapterkitError": "adapterkit.core.errors",
     "ManifestError": "adapterkit.core.errors",
@@ -76,7 +79,8 @@ _LAZY = {
 __all__ = sorted([*_LAZY, "__version__"])
 
 
-_RENAMED = {"merge": "merge_into_base"}
+_RENAMED = {"merge": "merge_into_base", "read_safetensors": "load", "read_safetensors_header": "read_header",
+            "write_safetensors": "save"}
 
 
 def __getattr__(name: str) -> Any:

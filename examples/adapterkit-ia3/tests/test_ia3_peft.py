@@ -78,9 +78,9 @@ def test_we_read_what_peft_writes(kind, tmp_path):
     assert again.targets == adapter.targets
     # and back: byte-identical tensors, the same keys and shapes PEFT wrote
     out = adapterkit.save(adapter, tmp_path / "back", format="peft-ia3")
-    from adapterkit_ia3 import st
+    from safetensors.numpy import load_file  # the reference library reads both files
 
-    theirs, ours_back = st.load(folder / "adapter_model.safetensors"), st.load(out / "adapter_model.safetensors")
+    theirs, ours_back = load_file(folder / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert sorted(theirs) == sorted(ours_back)
     for key in theirs:
         assert theirs[key].shape == ours_back[key].shape and theirs[key].tobytes() == ours_back[key].tobytes(), key
@@ -93,9 +93,9 @@ def test_layout_and_config_match_peft(kind, tmp_path):
     model = TINY_MODELS[kind](0)
     handle = adapterkit.inject(model, "ia3", CONFIGS[kind])
     ours = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft-ia3")
-    from adapterkit_ia3 import st
+    from safetensors.numpy import load_file
 
-    theirs_t, ours_t = st.load(folder / "adapter_model.safetensors"), st.load(ours / "adapter_model.safetensors")
+    theirs_t, ours_t = load_file(folder / "adapter_model.safetensors"), load_file(ours / "adapter_model.safetensors")
     assert {k: v.shape for k, v in ours_t.items()} == {k: v.shape for k, v in theirs_t.items()}
     assert all(np.all(v == 1) for v in ours_t.values()), "(IA)^3 starts at ones, like PEFT's init_ia3_weights"
     feedforward = [k for k, v in theirs_t.items() if v.shape[0] == 1]

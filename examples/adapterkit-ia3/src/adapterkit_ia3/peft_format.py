@@ -23,13 +23,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from adapterkit import (
-    Adapter, BaseModelError, Format, FormatError, LossyConversionError, Manifest,
+    Adapter, BaseModelError, Format, FormatError, LossyConversionError, Manifest, read_safetensors,
+    read_safetensors_header, write_safetensors,
 )
 
-from . import st
 from .method import in_out
 
 CONFIG_NAME = "adapter_config.json"
@@ -202,7 +203,7 @@ class PeftIa3Format(Format):
         }
         path = Path(path)
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
-        st.save(path / SAFETENSORS_NAME, tensors, {"format": "pt"})
+        write_safetensors(path / SAFETENSORS_NAME, tensors, {"format": "pt"})
 
 
 def _task_type(task: str | None) -> str | None:
@@ -219,9 +220,9 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
             import torch  # only for the pickle format; weights_only refuses arbitrary objects
 
             state = torch.load(path, map_location="cpu", weights_only=True)
-            return {k: (v.float().numpy().astype(st.DTYPES["BF16"]) if v.dtype == torch.bfloat16 else v.numpy())
+            return {k: (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy())
                     for k, v in state.items()}
-        return st.load(path)
+        return read_safetensors(path)[0]
     except Exception as exc:  # noqa: BLE001 - any failure to parse is bad input
         raise FormatError(f"cannot read the tensors: {type(exc).__name__}: {exc}", file=str(path),
                           code="bad_file") from None
@@ -247,9 +248,8 @@ def _base_layout(base: Any) -> tuple[dict[str, tuple[str | None, list[int], bool
         raise BaseModelError("the base folder has no safetensors weights", file=str(folder), code="bad_base")
     shapes: dict[str, list[int]] = {}
     for file in files:
-        for key, info in st.read_header(file).items():
-            if key != "__metadata__":
-                shapes[key] = list(info["shape"])
+        for key, info in read_safetensors_header(file).tensors.items():
+            shapes[key] = list(info.shape)
     layout = {}
     for key, shape in shapes.items():
         if key.endswith(".weight") and len(shape) == 2:
