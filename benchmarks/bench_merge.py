@@ -24,18 +24,19 @@ Targets (issue): adapterkit <= 0.3x PEFT's wall time and <= 0.35x its peak RSS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
-             "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+CHILD_ENV = common.CHILD_ENV  # the environment of every measured child process
 
 ADAPTERKIT_MERGE = """
 import sys
@@ -69,38 +70,12 @@ for path in sorted(base.iterdir()):
 
 # ---- measuring (shared with bench_compose.py) -----------------------------------
 
-# A minimal launcher (stdlib only, no site) forks and execs the measured command and
-# reports the kernel's accounting of that one process. Measuring through it matters:
-# Linux carries a process's peak RSS across fork + exec, so a child forked straight
-# from this (torch-loaded) script would report this script's memory as its own.
-LAUNCHER = """
-import json, os, sys, time
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-with open(sys.argv[1], "w") as handle:
-    json.dump({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_kb": usage.ru_maxrss,
-               "status": os.waitstatus_to_exitcode(status)}, handle)
-"""
-
-
 def run_child(code: str, *args: Any) -> dict[str, Any]:
-    """Run ``python -c code args`` in a fresh process: wall and CPU (user + system) seconds,
-    peak RSS (MB) and its last stdout line."""
-    env = {**os.environ, **CHILD_ENV}
-    with tempfile.NamedTemporaryFile(suffix=".json") as record:
-        proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, record.name, sys.executable, "-c", code,
-                               *map(str, args)], env=env, capture_output=True)
-        measured = json.loads(Path(record.name).read_text() or "{}")
-    if proc.returncode != 0 or measured.get("status") != 0:
-        sys.stderr.write(proc.stderr.decode(errors="replace"))
-        raise SystemExit(f"benchmark child failed with exit status {measured.get('status', proc.returncode)}")
-    lines = proc.stdout.decode().strip().splitlines()
-    return {"wall": measured["wall"], "cpu": measured["cpu"], "rss_mb": measured["rss_kb"] / 1024,
-            "stdout": lines[-1] if lines else ""}
+    """``python -c code args`` in a fresh process measured by the kernel (:func:`common.run_process`:
+    wall and CPU seconds, peak RSS in MB), with its last stdout line."""
+    result = common.run_code(code, *args)
+    lines = result["stdout"].strip().splitlines()
+    return {**result, "stdout": lines[-1] if lines else ""}
 
 
 def set_child_threads(threads: int | None) -> str:

@@ -133,6 +133,8 @@ def alternate(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: in
     does); the objects alive at the start are frozen first, so that collecting costs
     microseconds instead of a full pass over torch's and transformers' millions of objects.
     """
+    from adapterkit.core.bench import timed_call  # the one adapterkit bench uses (imports torch)
+
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with quiet_gc():
         for round_ in range(warmup + repeats):
@@ -161,20 +163,6 @@ def quiet_gc() -> Iterator[None]:
         _FROZEN[0] -= 1
         if not _FROZEN[0]:
             gc.unfreeze()
-
-
-def timed_call(fn: Callable[[], Any]) -> float:
-    """Seconds of one call of ``fn``: garbage collected before, the collector off during it."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def stats(values: Sequence[float]) -> tuple[float, float, float]:

@@ -14,7 +14,6 @@ so it is no format plugin); docs/compose.md, "Runtime composition", is the spec:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ from . import composition as comp
 from .adapter import Adapter
 from .errors import AdapterkitError, ManifestError, UsageError, VersionError
 from .io import atomic_directory, atomic_write_bytes, canonical_json, read_json
-from .manifest import json_path, packaged_schema, parse_version, relax_schema, schema_errors
+from .manifest import json_path, packaged_schema, parse_version, relaxed_schema, schema_errors
 from .plugins import Registry, default_registry
 from .validate import ValidationReport
 
@@ -40,16 +39,7 @@ BASE_FIELDS = ("name", "model_type", "architecture", "num_parameters")
 
 def schema(major: int = CURRENT_MAJOR) -> dict[str, Any]:
     """The composition manifest JSON Schema of a major version (shipped in adapterkit/schema)."""
-    try:
-        return packaged_schema("composition", major)
-    except VersionError as exc:
-        exc.expected = f"{CURRENT_MAJOR}"
-        raise
-
-
-@functools.cache
-def _relaxed_schema(major: int) -> dict[str, Any]:
-    return relax_schema(schema(major))
+    return packaged_schema("composition", major)
 
 
 def is_composition(path: str | os.PathLike[str]) -> bool:
@@ -90,7 +80,7 @@ def check_document(data: Any, file: str | None = None) -> list[AdapterkitError]:
         return [VersionError(f"composition format {major}.{minor} is not readable by this release",
                              file=file, location="$.format_version", expected=f"{CURRENT_MAJOR}.x",
                              found=data["format_version"], hint="upgrade adapterkit", code="unsupported_version")]
-    doc = schema(major) if minor <= CURRENT_MINOR else _relaxed_schema(major)
+    doc = schema(major) if minor <= CURRENT_MINOR else relaxed_schema("composition", major)
     errors: list[AdapterkitError] = list(schema_errors(data, doc, file))
     if errors:
         return errors

@@ -42,35 +42,32 @@ def register_migration(source_version: str) -> Callable[[Migration], Migration]:
 @functools.cache
 def packaged_schema(name: str, major: int) -> dict[str, Any]:
     """The JSON Schema ``<name>-<major>.json`` shipped in adapterkit/schema (``manifest``, ``composition``)."""
+    folder = resources.files("adapterkit.schema")
     try:
-        text = resources.files("adapterkit.schema").joinpath(f"{name}-{major}.json").read_text("utf-8")
+        text = folder.joinpath(f"{name}-{major}.json").read_text("utf-8")
     except FileNotFoundError:
-        raise VersionError(f"no {name} schema for major version {major}") from None
+        shipped = sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{name}-"))
+        raise VersionError(f"no {name} schema for major version {major}", expected=shipped) from None
     return json.loads(text)
 
 
-def relax_schema(node: Any) -> Any:
-    """A schema without ``additionalProperties: false``, for documents of a newer minor version."""
+@functools.cache
+def relaxed_schema(name: str, major: int) -> dict[str, Any]:
+    """The schema without ``additionalProperties: false``, for documents of a newer minor version."""
+    return _relax(packaged_schema(name, major))
+
+
+def _relax(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: relax_schema(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
+        return {k: _relax(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
     if isinstance(node, list):
-        return [relax_schema(v) for v in node]
+        return [_relax(v) for v in node]
     return node
 
 
 def schema(major: int = CURRENT_MAJOR) -> dict[str, Any]:
     """The manifest JSON Schema of a major version (shipped in adapterkit/schema)."""
-    try:
-        return packaged_schema("manifest", major)
-    except VersionError as exc:
-        exc.expected = f"{CURRENT_MAJOR}"
-        raise
-
-
-@functools.cache
-def _relaxed_schema(major: int) -> dict[str, Any]:
-    """The schema without ``additionalProperties: false``, for newer minors."""
-    return relax_schema(schema(major))
+    return packaged_schema("manifest", major)
 
 
 def parse_version(value: Any, file: str | None = None) -> tuple[int, int]:
@@ -183,7 +180,7 @@ def check(data: Any, file: str | None = None) -> tuple[dict[str, Any], list[Mani
     data, _ = upgrade(data, file)
     major, minor = parse_version(data["format_version"], file)
     newer_minor = minor > CURRENT_MINOR
-    doc = _relaxed_schema(major) if newer_minor else schema(major)
+    doc = relaxed_schema("manifest", major) if newer_minor else schema(major)
     errors = schema_errors(data, doc, file)
     if newer_minor and not errors:
         data = _drop_unknown(data, schema(major))
