@@ -314,7 +314,8 @@ def _deploy(shipped: dict[str, Any], out: Path, base: Path, val: dict[str, Any],
     onnx_dir = export_onnx(adapter_dir, base, out / "onnx", overwrite=overwrite,
                            progress=lambda line: echo(f"  onnx: {line}"))
     verification = read_manifest(onnx_dir).get("verification") or {}
-    onnx_diff = max((verification.get("max_abs_diff") or {None: None}).values(), default=None)
+    diffs = list((verification.get("max_abs_diff") or {}).values())
+    onnx_diff = max(diffs) if diffs else None
     echo(f"Exported the merged model to ONNX: {onnx_dir} ({_size(onnx_dir)}); ONNX Runtime vs torch: "
          f"max |logit difference| {onnx_diff:.2e}" if onnx_diff is not None else f"Exported to ONNX: {onnx_dir}")
 

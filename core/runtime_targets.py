@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter
-from .errors import AdapterkitError, FormatError, LossyConversionError
+from .errors import AdapterkitError
 from .plugins import Registry
 from .validate import ValidationReport
 
@@ -202,7 +202,7 @@ def _dry_run(report: ValidationReport, fmt: str, adapter: Adapter, registry: Reg
     with tempfile.TemporaryDirectory(prefix="adapterkit-target-") as tmp:
         try:
             writer.write(adapter, Path(tmp) / "out", **options)
-        except (LossyConversionError, FormatError, AdapterkitError) as exc:
+        except AdapterkitError as exc:  # LossyConversionError, FormatError, ...: what the writer refuses
             exc.file = exc.file or report.path
             report.error(exc)
 
