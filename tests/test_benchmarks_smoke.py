@@ -194,3 +194,17 @@ def test_unknown_scenario_is_a_usage_error():
     result = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nope", "--no-write"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown scenario" in result.stderr
+
+
+def test_onnx_precision_study_at_smoke_size(clean_process):
+    """benchmarks/onnx_precision.py (a precision study, outside run_all): on the tiny llama every float32
+    computation agrees within 1e-6, and the table says so."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = load_script("onnx_precision.py").main(["--tiny", "--threads", "1"])
+    text = out.getvalue()
+    assert status == 0 and TABLE.search(text), text
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines() if line.count("|") == 6}
+    for label in ("ONNX Runtime vs torch float32", "torch float32 vs float64", "ONNX Runtime vs torch float64"):
+        assert 0 < max(float(v) for v in rows[label]) < 1e-6, rows[label]
+    assert "| 2/2 |" in text
