@@ -49,8 +49,10 @@ def onnx_command(adapters: tuple[str, ...], base: str, out_dir: str, mode: str, 
     logits (float32, no KV cache). Unless --no-verify, the model runs in ONNX
     Runtime on inputs of another shape than the traced ones and must match the
     torch model with the adapter applied within --atol + --rtol * max|logit|
-    (swappable: every adapter and no adapter, switched in one session);
-    otherwise nothing is written. The output folder appears atomically.
+    of its float32 run, or of its float64 run with that bound widened by twice
+    torch float32's own distance from float64 (swappable: every adapter and no
+    adapter, switched in one session); otherwise nothing is written. The output
+    folder appears atomically.
     """
     from adapterkit.core.api import load
     from adapterkit.core.onnx_export import export_onnx
@@ -90,7 +92,9 @@ def _summary(path: str, manifest: dict[str, Any]) -> None:
         click.echo(f"  adapter {entry['file']} ({entry['method']}, {entry['modules']} modules, ranks {entry['ranks']})")
     verification = manifest.get("verification")
     if verification:
-        diffs = ", ".join(f"{k} {v:.2e}" for k, v in verification["max_abs_diff"].items())
+        exact = verification.get("max_abs_diff_float64") or {}
+        diffs = ", ".join(f"{k} {v:.2e}" + (f" (float64 {exact[k]:.2e})" if k in exact else "")
+                          for k, v in verification["max_abs_diff"].items())
         shape = verification["inputs"]
         click.echo(f"  verified in ONNX Runtime on {shape['batch']}x{shape['sequence']} {shape.get('tokens', '')} "
                    f"tokens: max |diff| {diffs} (atol {verification['atol']:g}, rtol {verification['rtol']:g})")

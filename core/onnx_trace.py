@@ -67,8 +67,8 @@ def default_prepare_export(method: Method, model: nn.Module, mode: str, adapter_
 
 # ---- the base model ---------------------------------------------------------------
 
-def load_base(base_dir: str | Path) -> nn.Module:
-    """The local Hugging Face model in ``base_dir`` in float32, eval mode, on CPU (nothing downloaded)."""
+def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The local Hugging Face model in ``base_dir`` in ``dtype`` (float32), eval mode, on CPU (nothing downloaded)."""
     import transformers
 
     from .base_model import read_base_model
@@ -84,8 +84,22 @@ def load_base(base_dir: str | Path) -> nn.Module:
     from .real_models import quiet_transformers
 
     with quiet_transformers():
-        model = cls.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+        model = cls.from_pretrained(str(base_dir), dtype=dtype, local_files_only=True)
     return model.eval()
+
+
+def float64_room(model: nn.Module) -> str | None:
+    """Why a float64 copy of ``model`` should not be made (None: it fits in half the available memory)."""
+    import os
+
+    need = 8 * sum(p.numel() for p in model.parameters())
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such counter here (macOS, Windows): a fixed budget
+        free = 8 * 2**30
+    if need > free // 2:
+        return f"a float64 copy needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available"
+    return None
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -313,7 +327,8 @@ def _quiet() -> Iterator[None]:
 
 
 def logits_numpy(model: nn.Module, inputs: Mapping[str, torch.Tensor], output: str) -> np.ndarray:
-    """The model's ``output`` for ``inputs`` as float32 numpy (no grad)."""
+    """The model's ``output`` for ``inputs`` as numpy (no grad): float32, or float64 from a float64 model."""
     with torch.no_grad():
         wrapper = ExportWrapper(model, output)
-        return wrapper(inputs["input_ids"], inputs["attention_mask"]).float().numpy()
+        value = wrapper(inputs["input_ids"], inputs["attention_mask"])
+        return (value if value.dtype == torch.float64 else value.float()).numpy()

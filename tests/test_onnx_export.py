@@ -348,6 +348,42 @@ def test_a_failed_verification_writes_nothing(tiny_base_dirs, loras, tmp_path):
     assert not list(tmp_path.iterdir())  # no temporary folder left either
 
 
+def test_verification_records_the_float64_reference(tiny_base_dirs, loras, tmp_path):
+    """Each output is compared with torch float32 and float64; the manifest keeps both, and torch's own
+    float32 distance from float64 (tiny models: all near float32 rounding of logits ~1)."""
+    out = export_onnx(loras["gpt2"][0], tiny_base_dirs["gpt2"], tmp_path / "out")
+    verification = json.loads((out / MANIFEST_NAME).read_text())["verification"]
+    assert verification["reference"] == "torch float32 and float64" and "float64_skipped" not in verification
+    (name, d32), = verification["max_abs_diff"].items()
+    d64, rounding = verification["max_abs_diff_float64"][name], verification["torch_float32_vs_float64"][name]
+    assert 0 < d64 <= ATOL and 0 < rounding <= ATOL and 0 < d32 <= ATOL
+    assert d64 <= d32 + rounding + 1e-12  # the triangle inequality: the three were measured on the same run
+
+
+def test_the_float64_reference_rescues_an_export_closer_to_the_exact_answer():
+    """On a badly conditioned input torch's float32 run can be the one far from the exact answer (measured:
+    SmolLM2 with random prefixes, torch float32 1.4e-3 from float64, ONNX Runtime 2.1e-4). The export passes
+    within the bound of torch float32, or within that bound plus twice torch's own float32 distance of
+    float64; far from both, it fails and both distances are named."""
+    from adapterkit.core.onnx_export import _compare, _Job
+
+    job = _Job({}, Path("."), None, 18, "auto", 2, 8, True, (1e-4, 1e-5), lambda _: None)
+    exact = np.array([[35.0, -3.0]])  # bound: 1e-4 + 1e-5 * 35 = 4.5e-4; against float64 4.5e-4 + 2 * 1.4e-3
+    torch32 = exact + np.array([[1.4e-3, 0.0]])
+    check = {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
+    record = job._verdict(check, {"a": _compare(exact + np.array([[2.1e-4, 0.0]]), torch32, exact)})
+    assert record["max_abs_diff_float64"]["a"] == pytest.approx(2.1e-4)
+    assert record["max_abs_diff"]["a"] == pytest.approx(1.19e-3)
+    assert record["bound_float64"]["a"] == pytest.approx(3.25e-3, rel=1e-4)
+    job._verdict(check, {"a": _compare(exact + np.array([[-3.2e-3, 0.0]]), torch32, exact)})  # just within
+    with pytest.raises(AdapterkitError) as info:
+        job._verdict(check, {"a": _compare(exact + np.array([[-3.3e-3, 0.0]]), torch32, exact)})
+    assert "0.0047 from torch float32, 0.0033 from float64 (torch float32: 0.0014 from float64)" in str(info.value)
+    assert "<= 0.00045 from torch float32 or <= 0.00325 from float64" in str(info.value)
+    with pytest.raises(AdapterkitError):  # without a float64 run, float32 alone decides
+        job._verdict(check, {"a": _compare(exact + np.array([[2.1e-4, 0.0]]), torch32, None)})
+
+
 @pytest.mark.parametrize("kwargs,code", [
     ({"mode": "fused"}, "bad_option"),
     ({"exporter": "tflite"}, "bad_option"),
@@ -504,19 +540,21 @@ def test_smollm2_merged_and_swappable(smollm2_dir, tmp_path):
 
 SMOLLM2_METHODS = [
     ("dora", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    ("qlora", {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
     ("bottleneck", {"reduction_factor": 16}),
     ("prompt", {"num_virtual_tokens": 8}),
+    ("prefix", {"num_virtual_tokens": 10}),
 ]
-# prefix tuning on SmolLM2 is left out: with random prefixes the export's own check found ONNX Runtime
-# 2.6e-4 from torch in one run and 2.0e-3 in another (docs/onnx.md, Limits); tiny models cover its export.
 
 
 @pytest.mark.parametrize(("method", "config"), SMOLLM2_METHODS, ids=[m for m, _ in SMOLLM2_METHODS])
 def test_smollm2_every_method_merged(method, config, smollm2_dir, tmp_path):
     """Each method on the real model, exported merged (folded, or traced with its modules) and run in ONNX
-    Runtime on text of another shape than the traced one, against torch with the adapter applied in
-    float32 (bound 1e-4 + 1e-5 * max|logit|, the export's own check). The distance to a float64 torch
-    run is printed too (pytest -s): it shows how much of the difference is float32 rounding."""
+    Runtime on text of another shape than the traced one, against torch with the adapter applied, in float32
+    and in float64 (the exact answer; bitsandbytes' 4-bit layers have no float64 kernels, so QLoRA is
+    compared in float32 only). The rule is the export's own: within 1e-4 + 1e-5 * max|logit| of torch
+    float32, or of float64 with that bound widened by twice torch float32's own distance from float64.
+    The distances are printed (pytest -s)."""
     from transformers import AutoTokenizer
 
     from adapterkit.core.onnx_trace import load_base
@@ -525,28 +563,58 @@ def test_smollm2_every_method_merged(method, config, smollm2_dir, tmp_path):
     torch.manual_seed(0)  # the methods' own initialisation too, so that every run exports the same adapter
     handle = adapterkit.inject(model, method, config)
     perturb(handle.parameters(), seed=3, scale=0.02)
+    if method == "prefix":
+        _train_briefly(model, handle, smollm2_dir)
     adapter = handle.to_adapter()
     del model, handle
     out = export_onnx(adapter, smollm2_dir, tmp_path / "out")
+    verification = json.loads((out / MANIFEST_NAME).read_text())["verification"]
+    assert ("float64_skipped" in verification) == (method == "qlora")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     enc = tokenizer(["The quick brown fox jumps over the lazy dog, twice over.", "47 -> forty-seven\n83 ->"],
                     return_tensors="pt", padding=True)
     found = run(session(out), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     real = enc["attention_mask"].numpy().astype(bool)
     references = {}
-    for dtype in (torch.float32, torch.float64):
-        model = adapterkit.apply(adapter, load_base(smollm2_dir).to(dtype))
+    for dtype in (torch.float32, torch.float64) if method != "qlora" else (torch.float32,):
+        model = adapterkit.apply(adapter, load_base(smollm2_dir, dtype))
         with torch.no_grad():
             references[dtype] = model(**enc).logits.double().numpy()
         del model
+    largest = float(np.abs(references[torch.float32])[real].max())
+    bound = ATOL + 1e-5 * largest
     diff32 = float(np.abs(found - references[torch.float32])[real].max())
-    diff64 = float(np.abs(found - references[torch.float64])[real].max())
-    largest = float(np.abs(references[torch.float64])[real].max())
     base_diff = float(np.abs(found - _base_logits(smollm2_dir, enc))[real].max())
-    print(method, f"ORT vs torch float32 {diff32:.2e}, vs float64 {diff64:.2e}, max|logit| {largest:.1f}, "
-                  f"adapter effect {base_diff:.2e}")
+    line = f"{method}: ORT vs torch float32 {diff32:.2e} (bound {bound:.2e})"
+    passed = diff32 <= bound
+    if torch.float64 in references:
+        diff64 = float(np.abs(found - references[torch.float64])[real].max())
+        rounding = float(np.abs(references[torch.float32] - references[torch.float64])[real].max())
+        line += f", vs float64 {diff64:.2e} (torch float32 vs float64 {rounding:.2e})"
+        passed = passed or diff64 <= bound + 2 * rounding
+    print(f"{line}, max|logit| {largest:.1f}, adapter effect {base_diff:.2e}")
     assert base_diff > 1e-2  # the adapter is in the graph
-    assert diff32 <= ATOL + 1e-5 * largest
+    assert passed, line
+
+
+def _train_briefly(model: Any, handle: Any, base_dir: Path, steps: int = 20) -> None:
+    """A few AdamW steps on four sentences: exported prefixes are trained ones. Untrained random prefixes
+    make SmolLM2's attention badly conditioned: ONNX Runtime measured up to 1.3e-3 from float64 there,
+    torch float32 4e-4 (docs/onnx.md, Limits)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    enc = tokenizer(["Question: what is 12 plus 7? Answer: 19.", "The Seine flows through Paris to the sea.",
+                     "def square(x):\n    return x * x\n", "Cats sleep for about sixteen hours a day."],
+                    return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(list(handle.parameters()), lr=3e-2)
+    model.train()
+    for _ in range(steps):
+        model(**enc, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 def _base_logits(base_dir: Path, enc: Any) -> np.ndarray:
