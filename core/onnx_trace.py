@@ -88,15 +88,27 @@ def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     return model.eval()
 
 
-def float64_room(model: nn.Module) -> str | None:
-    """Why a float64 copy of ``model`` should not be made (None: it fits in half the available memory)."""
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation: Linux's MemAvailable (free plus reclaimable cache),
+    else the free pages, else a fixed 8 GiB where neither can be read (macOS, Windows)."""
     import os
 
-    need = 8 * sum(p.numel() for p in model.parameters())
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no such counter here (macOS, Windows): a fixed budget
-        free = 8 * 2**30
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def float64_room(model: nn.Module) -> str | None:
+    """Why a float64 copy of ``model`` should not be made (None: it fits in half the available memory)."""
+    need = 8 * sum(p.numel() for p in model.parameters())
+    free = available_memory()
     if need > free // 2:
         return f"a float64 copy needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available"
     return None
