@@ -55,8 +55,25 @@ def load(path: str | Path, format: str | None = None, *, registry: Registry | No
     if not fmt.can_read:
         raise FormatError(f"format {name!r} cannot be read", file=str(path), code="unsupported")
     adapter = fmt.read(path, registry=registry, **options)
+    _check_read_targets(adapter, registry, path, name)
     adapter.source, adapter.source_format = path, name
     return adapter
+
+
+def _check_read_targets(adapter: Adapter, registry: Registry, path: Path, format_name: str) -> None:
+    """A safety net under every format reader, a third party's too: each target the reader produced
+    passes its method's own check (a damaged file must not become an adapter that fails later)."""
+    from .manifest import json_path
+
+    method = registry.method(adapter.method)
+    for module, target in adapter.manifest.targets.items():
+        problems = method.check_target(module, target, adapter.manifest.config)
+        if problems:
+            raise FormatError(
+                f"the {format_name} reader produced an invalid target: {problems[0]}", file=str(path),
+                location=json_path(["targets", module]),
+                hint="the file is damaged (save the adapter again), or the format plugin has a bug",
+                code="bad_target")
 
 
 def save(

@@ -279,3 +279,19 @@ def test_every_reader_ran_its_cases_quickly() -> None:
         assert stats["cases"] >= total_examples(PROFILE), (reader, stats["cases"])
         assert stats["max_case_cpu_ms"] < 2000, (reader, stats["max_case_cpu_ms"])
     write_report("fuzz", summary)
+
+
+def test_peft_bin_with_an_empty_dimension_is_refused(world, tmp_path):
+    """Found by the fuzzer (a pickle's size argument set to 0): lora_A [r, 0] made a target of shape [out, 0]."""
+    import torch
+
+    sample = world["samples"][variants(world, "peft", "torchzip")[0]]
+    state = torch.load(sample.path / "adapter_model.bin", weights_only=True)
+    key = next(k for k in sorted(state) if k.endswith("lora_A.weight"))
+    state[key] = torch.zeros(state[key].shape[0], 0)
+    broken = tmp_path / "peft_empty_dim"
+    shutil.copytree(sample.path, broken)
+    torch.save(state, broken / "adapter_model.bin")
+    with pytest.raises(AdapterkitError) as info:
+        world["registry"].format("peft").read(broken, registry=world["registry"])
+    assert info.value.code == "shape" and info.value.location == key and "empty dimension" in str(info.value)

@@ -376,6 +376,13 @@ def _targets(
                 hint="fix r or rank_pattern in adapter_config.json", code="rank_mismatch",
             )
         fan_in, fan_out = a.shape[1], b.shape[0]
+        if fan_in < 1 or fan_out < 1:
+            key, shape = (a_key, list(a.shape)) if fan_in < 1 else (b_key, list(b.shape))
+            raise TensorFileError(
+                "a LoRA factor with an empty dimension: the adapted layer would have no inputs or outputs",
+                file=file, location=key, expected="lora_A [r, in] and lora_B [out, r] with in, out >= 1",
+                found=shape, hint="the file is damaged; save the adapter again", code="shape",
+            )
         targets[module] = {
             "kind": "conv1d" if conv1d else "linear",
             "shape": [fan_in, fan_out] if conv1d else [fan_out, fan_in],
