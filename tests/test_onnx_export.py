@@ -580,7 +580,11 @@ def test_smollm2_every_method_merged(method, config, smollm2_dir, tmp_path):
     del model, handle
     out = export_onnx(adapter, smollm2_dir, tmp_path / "out")
     verification = json.loads((out / MANIFEST_NAME).read_text())["verification"]
-    assert ("float64_skipped" in verification) == (method == "qlora")
+    skipped = verification.get("float64_skipped", "")
+    if method == "qlora":  # bitsandbytes' 4-bit layers have no float64 kernels
+        assert "float64" in skipped
+    else:  # the float64 reference ran, unless this machine had no room for it
+        assert not skipped or skipped.startswith("a float64 copy needs"), skipped
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     enc = tokenizer(["The quick brown fox jumps over the lazy dog, twice over.", "47 -> forty-seven\n83 ->"],
                     return_tensors="pt", padding=True)
