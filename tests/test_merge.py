@@ -257,9 +257,9 @@ def test_wrong_base_is_refused_before_writing(tiny_base_dirs, tmp_path):
 
 def _method_class(method_name: str, **attributes: Any):
     """A throwaway Method whose tensors are ``<module>.<name>.A`` [2, in] and ``.B`` [out, 2]."""
-    from adapterkit.core.method import Method
+    from models import TorchlessMethod
 
-    class Throwaway(Method):
+    class Throwaway(TorchlessMethod):
         name = method_name
         description = "test method"
 
@@ -269,18 +269,6 @@ def _method_class(method_name: str, **attributes: Any):
         def expected_tensors(self, module, target, config):
             out, fan_in = target["shape"]
             return {f"{module}.{method_name}.A": (2, fan_in), f"{module}.{method_name}.B": (out, 2)}
-
-        def inject(self, model, config, adapter_name="default", targets=None):
-            raise NotImplementedError
-
-        def load_state(self, model, tensors, adapter_name="default"):
-            raise NotImplementedError
-
-        def extract_state(self, model, adapter_name="default"):
-            raise NotImplementedError
-
-        def trainable_parameters(self, model, adapter_name="default"):
-            raise NotImplementedError
 
     for key, value in attributes.items():
         setattr(Throwaway, key, value)

@@ -17,14 +17,14 @@ from adapterkit import hookimpl
 from adapterkit.core import plugins as plugins_mod
 from adapterkit.core.errors import FormatError, PluginError
 from adapterkit.core.formats import Format
-from adapterkit.core.method import Method
 from adapterkit.core.plugins import Registry, allowed_plugins, default_registry, get_plugin_manager
 from helpers import edit_manifest, registry_with, write_adapter
+from models import TorchlessMethod
 
 
 # ---- a throwaway method and format -----------------------------------------------
 
-class ToyMethod(Method):
+class ToyMethod(TorchlessMethod):
     """One tensor per target, same shape as the base weight."""
 
     name = "toy"
@@ -35,18 +35,6 @@ class ToyMethod(Method):
 
     def expected_tensors(self, module, target, config):
         return {f"{module}.toy.delta": tuple(target["shape"])}
-
-    def inject(self, model, config, adapter_name="default", targets=None):
-        raise NotImplementedError
-
-    def load_state(self, model, tensors, adapter_name="default"):
-        raise NotImplementedError
-
-    def extract_state(self, model, adapter_name="default"):
-        raise NotImplementedError
-
-    def trainable_parameters(self, model, adapter_name="default"):
-        raise NotImplementedError
 
 
 class ToyFormat(Format):
