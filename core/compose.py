@@ -1,6 +1,11 @@
-"""Combine LoRA adapters made for one base model into a new LoRA adapter (numpy only).
+"""Combine adapters of one method, made for one base model, into a new adapter (numpy only).
 
-Strategies (docs/compose.md gives the math as implemented):
+A method other than LoRA composes when its plugin lists ``compose_strategies``
+and implements :meth:`~adapterkit.core.method.Method.compose`; this module then
+checks the inputs and options, writes the manifest and provenance, and checks
+the plugin's result against the method's expected tensors.
+
+LoRA's strategies (docs/compose.md gives the math as implemented):
 
 - ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: combine
   the A factors and the B factors separately, each adapter's ``weight * scale``
@@ -72,9 +77,54 @@ def compose(
     """
     registry = registry or default_registry()
     loaded = [_load(a, registry) for a in adapters]
-    weights = _check_options(len(loaded), strategy, weights, density, rank, seed, majority_sign, dtype)
+    if not loaded:
+        raise UsageError("compose needs at least one adapter", hint="pass two or more adapter folders",
+                         code="bad_option")
     method = _check_methods(loaded, registry)
     base_model = _check_base(loaded)
+    if method.name in COMPOSABLE_METHODS:
+        weights = _check_options(len(loaded), strategy, weights, density, rank, seed, majority_sign, dtype)
+        config, targets, tensors, settings = _compose_lora(method, loaded, weights, strategy, density, rank, seed,
+                                                            majority_sign)
+    else:
+        weights, settings = _check_plugin_options(method, len(loaded), strategy, weights, density, rank, seed,
+                                                  majority_sign, dtype)
+        config, targets, tensors = method.compose(loaded, weights, strategy, dict(settings))
+        tensors = {k: np.asarray(v) for k, v in tensors.items()}
+
+    out_dtype = dtype or _common_dtype(loaded)
+    from .safetensors_io import DTYPES
+
+    np_dtype = DTYPES[{"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}[out_dtype]]
+    tensors = {k: v.astype(np_dtype, copy=False) for k, v in tensors.items()}
+    composition = {
+        "strategy": strategy,
+        "weights": [float(w) for w in weights],
+        "sources": [_source_record(a) for a in loaded],
+        **settings,
+    }
+    manifest = Manifest(
+        method=method.name,
+        method_version=method.version,
+        config=config,
+        targets=targets,
+        dtype=out_dtype,
+        base_model={**base_model, "fingerprint": targets_fingerprint(targets)},
+        task=_common([a.manifest.task for a in loaded]),
+        provenance={"created_by": _created_by(), "created_at": _now()},
+    )
+    _record_composition(manifest, composition)
+    adapter = Adapter(manifest, tensors)
+    if method.name not in COMPOSABLE_METHODS:
+        _check_plugin_result(method, adapter, strategy, registry)
+    return adapter
+
+
+def _compose_lora(method: Any, loaded: list[Adapter], weights: list[float], strategy: str, density: float | None,
+                  rank: int | None, seed: int | None,
+                  majority_sign: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, np.ndarray],
+                                               dict[str, Any]]:
+    """LoRA's strategies: (config, targets, tensors, the settings the provenance records)."""
     modules = sorted({m for a in loaded for m in a.targets})
     if strategy == "svd" and rank is None:
         rank = max(int(t["r"]) for a in loaded for t in a.targets.values())
@@ -105,37 +155,16 @@ def compose(
             targets[module] = {"kind": target["kind"], "shape": list(target["shape"]), "r": r, "alpha": r}
             tensors[f"{module}.lora.A"] = new_a
             tensors[f"{module}.lora.B"] = new_b
-
-    out_dtype = dtype or _common_dtype(loaded)
-    from .safetensors_io import DTYPES
-
-    np_dtype = DTYPES[{"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}[out_dtype]]
-    tensors = {k: v.astype(np_dtype, copy=False) for k, v in tensors.items()}
-    composition = {
-        "strategy": strategy,
-        "weights": [float(w) for w in weights],
-        "sources": [_source_record(a) for a in loaded],
-    }
+    settings: dict[str, Any] = {}
     if strategy in DENSITY_STRATEGIES:
-        composition["density"] = float(density)  # type: ignore[arg-type]
+        settings["density"] = float(density)  # type: ignore[arg-type]
     if strategy == "svd":
-        composition["rank"] = rank
+        settings["rank"] = rank
     if strategy in RANDOM_STRATEGIES:
-        composition["seed"] = seed
+        settings["seed"] = seed
     if strategy in SIGN_STRATEGIES:
-        composition["majority_sign"] = majority_sign
-    manifest = Manifest(
-        method=method.name,
-        method_version=method.version,
-        config=_output_config(method, loaded, targets),
-        targets=targets,
-        dtype=out_dtype,
-        base_model={**base_model, "fingerprint": targets_fingerprint(targets)},
-        task=_common([a.manifest.task for a in loaded]),
-        provenance={"created_by": _created_by(), "created_at": _now()},
-    )
-    _record_composition(manifest, composition)
-    return Adapter(manifest, tensors)
+        settings["majority_sign"] = majority_sign
+    return _output_config(method, loaded, targets), targets, tensors, settings
 
 
 # ---- checks -------------------------------------------------------------------
@@ -197,10 +226,58 @@ def _check_methods(adapters: list[Adapter], registry: Registry) -> Any:
         raise UsageError("adapters of different methods cannot be composed", found=methods,
                          hint="convert them to one method first, or compose each method separately",
                          code="mixed_methods")
-    if methods[0] not in COMPOSABLE_METHODS:
-        raise UsageError(f"compose combines LoRA adapters; method {methods[0]!r} is not supported",
-                         expected=list(COMPOSABLE_METHODS), found=methods[0], code="not_composable")
-    return registry.method(methods[0])
+    method = registry.method(methods[0])
+    if methods[0] not in COMPOSABLE_METHODS and not tuple(getattr(method, "compose_strategies", ())):
+        raise UsageError(f"method {methods[0]!r} has no compose strategies", found=methods[0], code="not_composable",
+                         expected=f"LoRA adapters, or a method whose plugin declares compose_strategies "
+                                  f"(installed: {', '.join(_composable_methods(registry))})",
+                         hint="merge each adapter into the base instead (adapterkit merge), or compose at "
+                              "runtime where the method supports it (docs/compose.md)")
+    return method
+
+
+def _composable_methods(registry: Registry) -> list[str]:
+    """Installed methods that ``compose`` accepts: LoRA, and methods whose plugin declares strategies."""
+    return sorted(name for name, method in registry.methods.items()
+                  if name in COMPOSABLE_METHODS or tuple(getattr(method, "compose_strategies", ())))
+
+
+def _check_plugin_options(method: Any, n: int, strategy: str, weights: Sequence[float] | None, density: float | None,
+                          rank: int | None, seed: int | None, majority_sign: str,
+                          dtype: str | None) -> tuple[list[float], dict[str, Any]]:
+    """Weights and the options a plugin's strategy receives (density, rank, seed: the ones given)."""
+    def fail(message: str, **kw: Any) -> UsageError:
+        return UsageError(message, code="bad_option", **kw)
+
+    if strategy not in method.compose_strategies:
+        raise fail(f"method {method.name!r} has no compose strategy {strategy!r}", found=strategy,
+                   expected=list(method.compose_strategies))
+    weights = [1.0] * n if weights is None else list(weights)
+    if len(weights) != n:
+        raise fail(f"{len(weights)} weight(s) given for {n} adapter(s)", expected=n, found=len(weights),
+                   hint="pass one weight per adapter, e.g. --weights 0.7,0.3")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise fail("weights must be finite numbers", found=weights)
+    if majority_sign != "total":
+        raise fail(f"majority_sign is a LoRA ties / dare_ties setting; method {method.name!r} does not take it")
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise fail(f"unknown dtype {dtype!r}", expected=["float32", "float16", "bfloat16"])
+    options = {k: v for k, v in (("density", density), ("rank", rank), ("seed", seed)) if v is not None}
+    return [float(w) for w in weights], options
+
+
+def _check_plugin_result(method: Any, adapter: Adapter, strategy: str, registry: Registry) -> None:
+    """A plugin's compose must give an adapter consistent with its own expected tensors."""
+    from .errors import AdapterkitError
+    from .validate import ValidationReport, check_tensors
+
+    report = ValidationReport(f"compose ({method.name} {strategy})")
+    check_tensors(adapter, registry, report)
+    if report.errors:
+        first = report.errors[0]
+        raise AdapterkitError(f"method {method.name!r} composed an inconsistent adapter: {first.message}",
+                              location=first.location, code="bad_plugin_result",
+                              hint=f"a bug in the plugin that provides {method.name!r}; report it to its authors")
 
 
 def _name(adapter: Adapter, index: int) -> str:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from .adapter import Adapter
 
 
 class Method(ABC):
@@ -38,6 +40,9 @@ class Method(ABC):
     #: runtime composition blocks this method runs (``"stack"``, ``"average"``, ``"weighted_sum"``;
     #: adapterkit.core.composition); empty: none, and ``activate`` refuses with :meth:`composition_refusal`
     composition_kinds: tuple[str, ...] = ()
+    #: strategies this method gives ``adapterkit compose`` through :meth:`compose` (LoRA's own are
+    #: adapterkit's: linear, cat, svd, ties, dare_*, magnitude_prune); empty: compose refuses the method
+    compose_strategies: tuple[str, ...] = ()
 
     # ---- torch-free: validation, inspection, conversion -------------------
     @abstractmethod
@@ -147,6 +152,20 @@ class Method(ABC):
     def deactivate_composition(self, model: torch.nn.Module) -> None:
         """Undo :meth:`activate_composition`: the model runs as after injection again."""
         raise NotImplementedError(f"method {self.name!r} has no runtime composition")
+
+    def compose(self, adapters: Sequence[Adapter], weights: Sequence[float], strategy: str,
+                options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+        """Combine adapters of this method into a new one's ``(config, targets, tensors)``, for ``compose``.
+
+        Called only with a ``strategy`` from :attr:`compose_strategies`, one finite float
+        weight per adapter, and adapters that the caller checked were made for one base
+        model (same kind and shape for every shared module). ``options`` holds what the
+        user gave of ``density``, ``rank`` and ``seed``: raise ``UsageError`` for one the
+        strategy does not take. adapterkit writes the rest of the manifest (base model,
+        dtype, provenance naming the sources) and validates the result against
+        :meth:`expected_tensors` before anything is saved.
+        """
+        raise NotImplementedError(f"method {self.name!r} declares compose strategies but does not implement compose")
 
     # ---- ONNX export (adapterkit.core.onnx_export, docs/onnx.md) -------------
     def export_factors(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],

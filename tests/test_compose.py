@@ -323,3 +323,88 @@ def test_cli_compose(cli, tmp_path):
     assert not (tmp_path / "out2").exists()
     usage = cli("compose", tmp_path / "a", "-o", tmp_path / "out3", "--strategy", "linear", "--weights", "x")
     assert usage.exit_code == 2
+
+
+# ---- a plugin method's own strategies (Method.compose_strategies + Method.compose) ----------------
+
+from typing import Any  # noqa: E402
+
+from adapterkit.core.errors import AdapterkitError  # noqa: E402
+from models import TorchlessMethod  # noqa: E402
+from adapterkit.core.hookspecs import hookimpl  # noqa: E402
+from adapterkit.core.plugins import Registry, get_plugin_manager  # noqa: E402
+
+
+class VectorScale(TorchlessMethod):
+    """A throwaway method: one vector per linear module; its plugin offers "mean" (and a broken "bad")."""
+
+    name = "test_vector"
+    compose_strategies = ("mean", "bad")
+
+    def config_schema(self) -> dict[str, Any]:
+        return {"type": "object"}
+
+    def expected_tensors(self, module: str, target: Any, config: Any) -> dict[str, tuple[int, ...]]:
+        return {f"{module}.{self.name}.v": (target["shape"][0],)}
+
+    def compose(self, adapters, weights, strategy, options):
+        if options:
+            raise UsageError("mean takes only weights", found=sorted(options), code="bad_option")
+        targets = {m: t for a in adapters for m, t in a.targets.items()}
+        total = sum(weights)
+        tensors = {k: sum(w * a.tensors[k] for a, w in zip(adapters, weights)) / total
+                   for k in adapters[0].tensors}
+        if strategy == "bad":
+            tensors = {k: v[:-1] for k, v in tensors.items()}  # a plugin bug: one entry short
+        return {"note": "mean"}, targets, tensors
+
+
+class _VectorPlugin:
+    @hookimpl
+    def adapterkit_register_methods(self, register):
+        register(VectorScale())
+
+
+def _vector_adapter(seed: int, method: str = "test_vector") -> Adapter:
+    rng = np.random.default_rng(seed)
+    targets = {"layers.0.q": {"kind": "linear", "shape": [4, 3]}}
+    manifest = Manifest(method=method, config={}, targets=targets, dtype="float32",
+                        base_model={"model_type": "toy", "fingerprint": targets_fingerprint(targets)})
+    return Adapter(manifest, {f"layers.0.q.{method}.v": rng.standard_normal(4).astype(np.float32)})
+
+
+@pytest.fixture(scope="module")
+def vector_registry() -> Registry:
+    return Registry(*get_plugin_manager(plugins=[("test-vector", _VectorPlugin())]))
+
+
+def test_a_plugin_method_composes_with_its_own_strategy(vector_registry):
+    a, b = _vector_adapter(1), _vector_adapter(2)
+    out = compose([a, b], "mean", [3.0, 1.0], registry=vector_registry)
+    key = "layers.0.q.test_vector.v"
+    np.testing.assert_allclose(out.tensors[key], (3 * a.tensors[key] + b.tensors[key]) / 4, rtol=1e-6)
+    assert out.method == "test_vector" and out.config == {"note": "mean"}
+    composition = out.manifest.provenance["composition"]
+    assert composition["strategy"] == "mean" and composition["weights"] == [3.0, 1.0]
+    assert len(composition["sources"]) == 2 and out.manifest.base_model["model_type"] == "toy"
+
+
+def test_a_plugin_strategy_is_checked_and_its_result_too(vector_registry):
+    a, b = _vector_adapter(1), _vector_adapter(2)
+    with pytest.raises(UsageError, match="no compose strategy 'svd'") as info:
+        compose([a, b], "svd", registry=vector_registry)
+    assert info.value.expected == ["mean", "bad"]
+    with pytest.raises(UsageError, match="mean takes only weights"):
+        compose([a, b], "mean", density=0.5, registry=vector_registry)
+    with pytest.raises(UsageError, match="majority_sign is a LoRA ties"):
+        compose([a, b], "mean", majority_sign="frequency", registry=vector_registry)
+    with pytest.raises(AdapterkitError, match="composed an inconsistent adapter") as bad:
+        compose([a, b], "bad", registry=vector_registry)
+    assert bad.value.code == "bad_plugin_result" and bad.value.location == "layers.0.q.test_vector.v"
+
+
+def test_a_method_without_strategies_is_refused_naming_those_that_compose():
+    adapter = _vector_adapter(1, method="bottleneck")
+    with pytest.raises(UsageError, match="method 'bottleneck' has no compose strategies") as info:
+        compose([adapter, adapter], "linear")
+    assert info.value.code == "not_composable" and "lora" in str(info.value.expected).split("installed: ")[1]
