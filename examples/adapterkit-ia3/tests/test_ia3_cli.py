@@ -166,8 +166,18 @@ def test_bench(work):
     assert report["method"] == "ia3"
 
 
-def test_compose_refuses_clearly(work):
+def test_compose_through_the_plugin_hook(work):
+    """compose runs the plugin's strategy; the result validates, applies and equals the weighted sum."""
     root, paths = work
-    _, adapter = paths["llama"]
-    result = cli("compose", str(adapter), str(adapter), "-o", str(root / "composed"), "--strategy", "linear")
-    assert result.exit_code == 1 and "'ia3' is not supported" in result.output and "Traceback" not in result.output
+    base, adapter = paths["llama"]
+    out = root / "composed"
+    result = cli("compose", str(adapter), str(adapter), "-o", str(out), "--strategy", "linear", "--weights", "0.5,0.25")
+    assert result.exit_code == 0, result.output
+    assert "ia3 linear of 2 adapters" in result.output
+    assert cli("validate", str(out), "--base", str(base)).exit_code == 0
+    source, composed = adapterkit.load(adapter), adapterkit.load(out)
+    for key, vector in source.tensors.items():
+        np.testing.assert_array_equal(composed.tensors[key], vector * np.float32(0.5) + vector * np.float32(0.25))
+    refused = cli("compose", str(adapter), str(adapter), "-o", str(root / "x"), "--strategy", "svd")
+    assert refused.exit_code == 1 and "no compose strategy 'svd'" in refused.output and "linear" in refused.output
+    assert "Traceback" not in refused.output and not (root / "x").exists()

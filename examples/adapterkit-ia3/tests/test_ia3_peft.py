@@ -135,3 +135,50 @@ def test_only_ia3_adapters_are_written(tmp_path):
     with pytest.raises(adapterkit.LossyConversionError, match="holds \\(IA\\)\\^3 adapters"):
         adapterkit.save(handle.to_adapter(), tmp_path / "x", format="peft-ia3")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_compose_linear_equals_peft_add_weighted_adapter(kind, tmp_path):
+    """``adapterkit.compose(..., "linear")`` through the plugin's compose hook against PEFT's
+    ``IA3Model.add_weighted_adapter`` on the same two PEFT-written adapters: the same vectors to the bit,
+    the same logits. The second adapter adapts fewer modules (a module it lacks counts as zero in both)."""
+    first, _ = peft_written(kind, tmp_path / "a", seed=5)
+    subset = {"target_modules": CONFIGS[kind]["target_modules"][:1], "feedforward_modules": []}
+    config = peft.IA3Config(**subset, task_type="CAUSAL_LM" if kind != "bert" else None)
+    model = peft.get_peft_model(TINY_MODELS[kind](0), config).eval()
+    perturb([p for n, p in model.named_parameters() if "ia3_l" in n], seed=6, scale=0.5)
+    model.save_pretrained(tmp_path / "b")
+    second = tmp_path / "b"
+    base = tmp_path / "base"
+    TINY_MODELS[kind](0).save_pretrained(base)
+    weights = [0.7, -0.4]
+
+    composed = adapterkit.compose([adapterkit.load(p, base=base) for p in (first, second)], "linear", weights)
+    assert composed.method == "ia3" and composed.manifest.provenance["composition"]["weights"] == weights
+
+    peft_model = peft.PeftModel.from_pretrained(TINY_MODELS[kind](0), str(first), adapter_name="a")
+    peft_model.load_adapter(str(second), adapter_name="b")
+    peft_model.add_weighted_adapter(["a", "b"], weights, "mix")
+    peft_model.set_adapter("mix")
+    peft_model.eval()
+    theirs = {n.replace(".ia3_l.mix", ""): p.detach().numpy().reshape(-1)
+              for n, p in peft_model.named_parameters() if n.endswith(".ia3_l.mix")}
+    ours = {k.removesuffix(".ia3.l"): v for k, v in composed.tensors.items()}
+    assert sorted(m.removeprefix("base_model.model.") for m in theirs) == sorted(ours)
+    for module, vector in theirs.items():
+        assert vector.tobytes() == ours[module.removeprefix("base_model.model.")].tobytes(), module
+    inputs = sample_inputs()
+    diff = (outputs(adapterkit.apply(composed, TINY_MODELS[kind](0)), inputs) - outputs(peft_model, inputs)).abs().max()
+    assert diff.item() <= ATOL
+
+
+def test_compose_refuses_options_it_does_not_take(tmp_path):
+    first, _ = peft_written("llama", tmp_path / "a")
+    base = tmp_path / "base"
+    TINY_MODELS["llama"](0).save_pretrained(base)
+    adapter = adapterkit.load(first, base=base)
+    with pytest.raises(adapterkit.UsageError, match="takes only weights"):
+        adapterkit.compose([adapter, adapter], "linear", density=0.5)
+    with pytest.raises(adapterkit.UsageError, match="no compose strategy 'ties'") as info:
+        adapterkit.compose([adapter, adapter], "ties", density=0.5)
+    assert info.value.expected == ["linear"]

@@ -15,12 +15,12 @@ module's bias is multiplied too. This module imports no torch.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from adapterkit import BaseModelError, Method, TensorFileError, UsageError
+from adapterkit import Adapter, BaseModelError, Method, TensorFileError, UsageError
 
 KINDS = ("linear", "conv1d")
 PARAM = "l"
@@ -81,6 +81,16 @@ def scaled_axis(target: Mapping[str, Any]) -> int:
     return 1 - output_axis if target.get("feedforward") else output_axis
 
 
+def _union(rules: list[Any], paths: list[str]) -> Any:
+    """The selection rule of a composed adapter, as PEFT builds it: lists joined, regular expressions
+    or-ed; when the adapters mix the two, the explicit module ``paths``."""
+    if all(isinstance(r, list) for r in rules):
+        return sorted({name for r in rules for name in r})
+    if all(isinstance(r, str) for r in rules):
+        return rules[0] if len(set(rules)) == 1 else "|".join(f"({r})" for r in rules)
+    return paths
+
+
 class Ia3Method(Method):
     """(IA)^3: learned rescaling of keys, values and feed-forward activations (mergeable)."""
 
@@ -88,6 +98,7 @@ class Ia3Method(Method):
     version = "1"
     description = "(IA)^3: learned scaling vectors on outputs (k, v) or inputs (feed-forward) of linear / Conv1D modules (mergeable)"
     mergeable = True
+    compose_strategies = ("linear",)
 
     # ---- torch-free ---------------------------------------------------------
     def config_schema(self) -> dict[str, Any]:
@@ -160,6 +171,31 @@ class Ia3Method(Method):
             raise BaseModelError(f"{module}: base bias {list(bias.shape)} does not fit the (IA)^3 vector "
                                  f"{list(vector.shape)}", location=module, code="shape_mismatch")
         return bias * vector
+
+    def compose(self, adapters: Sequence[Adapter], weights: Sequence[float], strategy: str,
+                options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+        """``linear``: ``l = sum_i w_i * l_i`` per module, over the union of the adapters' modules, a module
+        an adapter lacks counting as zero: PEFT's ``IA3Model.add_weighted_adapter``, to the bit."""
+        if options:
+            raise UsageError(f"(IA)^3's {strategy} strategy takes only weights", found=sorted(options),
+                             hint="leave out --density, --rank and --seed", code="bad_option")
+        targets: dict[str, dict[str, Any]] = {}
+        sums: dict[str, np.ndarray] = {}
+        for adapter, weight in zip(adapters, weights, strict=True):
+            for module, target in sorted(adapter.targets.items()):
+                first = targets.setdefault(module, dict(target))
+                if bool(first.get("feedforward")) != bool(target.get("feedforward")):
+                    raise UsageError(f"{module} scales its input in one adapter and its output in another",
+                                     location=module, hint="compose adapters with the same feedforward_modules",
+                                     code="feedforward_mismatch")
+                vector = self._vector(module, adapter.tensors).astype(np.float32)
+                key = f"{module}.{self.name}.{PARAM}"
+                sums[key] = sums.get(key, np.zeros_like(vector)) + vector * np.float32(weight)
+        config = {"target_modules": _union([a.config.get("target_modules") for a in adapters],
+                                           sorted(targets)),
+                  "feedforward_modules": _union([a.config.get("feedforward_modules", []) for a in adapters],
+                                                sorted(m for m, t in targets.items() if t.get("feedforward")))}
+        return self.minimal_config(config), targets, sums
 
     def _vector(self, module: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         value = tensors.get(f"{module}.{self.name}.{PARAM}", tensors.get(PARAM))
