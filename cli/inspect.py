@@ -19,6 +19,9 @@ def command(path: str, format_: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(summary)
         return
+    if "composition" in summary:
+        _echo_rows(_composition_rows(summary))
+        return
     base = summary["base_model"]
     rows = [
         ("format", summary["format"]),
@@ -35,6 +38,37 @@ def command(path: str, format_: str | None, as_json: bool) -> None:
     if "parameters_relative_to_base" in summary:
         rows.append(("vs base", f"{100 * summary['parameters_relative_to_base']:.3f}% of "
                                 f"{human_count(summary['base_parameters'])} base parameters"))
+    _echo_rows(rows)
+
+
+def _composition_rows(summary: dict) -> list[tuple[str, str]]:
+    """A composition folder: its block tree, the mixing coefficients, then one line per member."""
+    base = summary["base_model"]
+    rows = [
+        ("format", f"{summary['format']} {summary['format_version']}"),
+        ("composition", _block_text(summary["composition"])),
+        ("method", summary["method"]),
+        ("base model", " ".join(str(base[k]) for k in ("name", "architecture") if base.get(k)) or "-"),
+        ("parameters", f"{summary['parameters']:,} ({human_count(summary['parameters'])}) in "
+                       f"{len(summary['members'])} members"),
+    ]
+    for block in summary["coefficients"]:
+        mix = ", ".join(f"{c} x{k:.4g}" for c, k in zip(block["children"], block["coefficients"]))
+        rows.append((f"{block['type']}", f"output = {mix}"))
+    for name, member in summary["members"].items():
+        rows.append((f"member {name}", f"{member['path']} ({member['format']}, {member['targets']} modules, "
+                                       f"{human_count(member['parameters'])} parameters)"))
+    return rows
+
+
+def _block_text(block: dict) -> str:
+    """``stack(a, average(b, c; weights 1, 3))``: the tree on one line."""
+    children = ", ".join(c if isinstance(c, str) else _block_text(c) for c in block["children"])
+    extra = f"; weights {', '.join(f'{w:g}' for w in block['weights'])}" if block.get("weights") else ""
+    return f"{block['type']}({children}{extra})"
+
+
+def _echo_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

@@ -30,6 +30,14 @@ def detect_format(path: str | Path, registry: Registry | None = None) -> str:
         except Exception:  # a detector must not break detection of the others
             continue
     if not matches:
+        from .composition_folder import is_composition
+
+        if is_composition(path):
+            raise FormatError(
+                "this is a runtime composition folder (composition.json), not an adapter", file=str(path),
+                code="composition_not_adapter",
+                hint="validate and inspect take it; adapterkit.apply_composition runs it on a model; to make "
+                     "one adapter of its members, run adapterkit compose --strategy on the adapters it lists")
         hint = "pass --from FORMAT, or install the plugin for this format"
         if registry.failures:
             names = ", ".join(info.name for info in registry.failures)
