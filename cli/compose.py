@@ -18,8 +18,8 @@ def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 
 @click.command("compose")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="New adapter folder.")
-@click.option("--strategy", required=True, metavar="NAME",
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="New adapter folder (with --runtime: composition folder).")
+@click.option("--strategy", metavar="NAME",
               help=f"How to combine (docs/compose.md). LoRA: {', '.join(STRATEGIES)}; another method: the ones "
                    "its plugin declares (an unknown name lists them).")
 @click.option("--weights", callback=_weights, metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
@@ -29,9 +29,15 @@ def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("--majority-sign", type=click.Choice(("total", "frequency")), default="total", show_default=True,
               help="Sign election of ties / dare_ties.")
 @click.option("--to", "to_format", default="adapterkit", show_default=True, metavar="FMT", help="Output format.")
+@click.option("--runtime", metavar="BLOCK",
+              help="Instead of --strategy: write a runtime composition folder (composition.json + the adapters) "
+                   "for adapterkit.apply_composition: stack, average, weighted_sum, or a JSON block tree.")
+@click.option("--names", callback=lambda ctx, param, value: value.split(",") if value else None, metavar="N1,N2,...",
+              help="Member names of a --runtime composition (default: the adapter folders' names).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def command(adapters: tuple[str, ...], out_dir: str, strategy: str, weights: list[float] | None, density: float | None,
-            rank: int | None, seed: int | None, majority_sign: str, to_format: str, overwrite: bool) -> None:
+def command(adapters: tuple[str, ...], out_dir: str, strategy: str | None, weights: list[float] | None,
+            density: float | None, rank: int | None, seed: int | None, majority_sign: str, to_format: str,
+            runtime: str | None, names: list[str] | None, overwrite: bool) -> None:
     """Combine adapters of one method, made for one base model, into a new adapter.
 
     LoRA: linear, ties, dare_linear, dare_ties and magnitude_prune combine the A
@@ -41,7 +47,25 @@ def command(adapters: tuple[str, ...], out_dir: str, strategy: str, weights: lis
     zero. Another method composes when its plugin declares strategies (its
     compose hook does the math). The result records its sources and settings
     in its provenance.
+
+    With --runtime BLOCK instead, nothing is combined: the adapters are written
+    into a composition folder that adapterkit.apply_composition runs on a model
+    (stack: one after another; average / weighted_sum: their outputs mixed by
+    --weights) and that validate and inspect check (docs/compose.md).
     """
+    if (strategy is None) == (runtime is None):
+        raise click.UsageError("pass exactly one of --strategy (a new adapter) and --runtime (a composition folder)")
+    if runtime is not None:
+        given = [flag for flag, value in (("--density", density), ("--rank", rank), ("--seed", seed),
+                                          ("--majority-sign", majority_sign != "total" or None),
+                                          ("--to", to_format != "adapterkit" or None)) if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: not used with --runtime (they set --strategy's math)")
+        _write_runtime(adapters, out_dir, runtime, weights, names, overwrite)
+        return
+    assert strategy is not None
+    if names is not None:
+        raise click.UsageError("--names names the members of a --runtime composition")
     from .merge import prefer_single_threaded_blas
 
     prefer_single_threaded_blas()
@@ -54,3 +78,37 @@ def command(adapters: tuple[str, ...], out_dir: str, strategy: str, weights: lis
     rank_text = f", rank {', '.join(map(str, ranks))}" if ranks else ""
     click.echo(f"wrote {out_dir} ({adapter.method} {strategy} of {len(adapters)} adapters, "
                f"{len(adapter.targets)} modules{rank_text})")
+
+
+def _write_runtime(adapters: tuple[str, ...], out_dir: str, runtime: str, weights: list[float] | None,
+                   names: list[str] | None, overwrite: bool) -> None:
+    """``compose --runtime``: a composition folder through :func:`adapterkit.save_composition`."""
+    import json
+    from pathlib import Path
+
+    from adapterkit.core.api import load
+    from adapterkit.core.composition import KINDS, parse
+
+    names = names or [Path(path).resolve().name for path in adapters]
+    if len(names) != len(adapters):
+        raise click.UsageError(f"{len(names)} name(s) given for {len(adapters)} adapter(s)")
+    if len(set(names)) != len(names):
+        raise click.UsageError(f"two adapters are named alike ({', '.join(names)}); name them with --names")
+    if runtime in KINDS:
+        tree: dict = {"type": runtime, "children": names}
+        if weights is not None:
+            tree["weights"] = weights
+    else:
+        try:
+            tree = json.loads(runtime)
+        except json.JSONDecodeError:
+            raise click.BadParameter(f"expected one of {', '.join(KINDS)} or a JSON block tree such as "
+                                     '\'{"type": "stack", "children": ["a", "b"]}\'', param_hint="--runtime") from None
+        if weights is not None:
+            raise click.UsageError("--weights applies to a flat --runtime block; put weights in the JSON tree")
+    block = parse(tree)
+    from adapterkit.core.composition_folder import save_composition
+
+    members = {name: load(path) for name, path in zip(names, adapters)}
+    save_composition(out_dir, block, members, overwrite=overwrite)
+    click.echo(f"wrote {out_dir} (runtime {block.kind} composition of {', '.join(block.members())})")

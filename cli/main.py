@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("adapterkit.cli.inspect", "Summarise an adapter: method, targets, ranks, parameters, sizes."),
     "convert": ("adapterkit.cli.convert", "Convert an adapter between formats (source auto-detected)."),
     "merge": ("adapterkit.cli.merge", "Fold an adapter into its base model: a full HF model folder (streaming, no torch)."),
-    "compose": ("adapterkit.cli.compose", "Combine LoRA adapters of one base (linear, cat, svd, ties, dare_*, magnitude_prune)."),
+    "compose": ("adapterkit.cli.compose", "Combine adapters of one base into a new one (linear, cat, svd, ties, dare_*, ...), or write a runtime composition."),
     "schema": ("adapterkit.cli.schema", "Print the JSON Schema of the adapter manifest."),
     "plugins": ("adapterkit.cli.plugins", "List the loaded plugins, their hooks, methods and formats."),
     "train": ("adapterkit.cli.train", "Train a new adapter of any method on a JSON Lines file (causal LM or classification)."),

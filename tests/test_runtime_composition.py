@@ -394,3 +394,62 @@ def test_cli_validate_and_inspect_detect_a_composition(mix):
     result = CliRunner().invoke(cli, ["inspect", str(mix / "copied"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["composition"]["type"] == "weighted_sum"
+    text = CliRunner().invoke(cli, ["inspect", str(mix / "copied")])
+    assert text.exit_code == 0, text.output
+    lines = {line.split(None, 1)[0] + (" " + line.split()[1] if line.startswith("member") else ""):
+             line.split(None, 2 if line.startswith("member") else 1)[-1] for line in text.output.splitlines()}
+    assert lines["composition"] == "weighted_sum(a, b; weights 1, 0.5)" and lines["method"] == "lora"
+    assert lines["weighted_sum"] == "output = a x1, b x0.5" and lines["member a"].startswith("adapters/a (adapterkit")
+    # the commands that take one adapter say what a composition folder is, and what to do instead
+    merged = CliRunner().invoke(cli, ["merge", str(mix / "copied"), "--base", str(mix), "-o", str(mix / "m")])
+    assert merged.exit_code == 1 and "a runtime composition folder (composition.json), not an adapter" in merged.output
+
+
+def test_cli_compose_runtime_writes_the_folder_the_library_writes(mix, tmp_path):
+    """`compose --runtime KIND` is save_composition with the inputs copied in: applied to a fresh model it
+    gives the logits of the library's folder, bit for bit; a JSON block (and --names) sets every field."""
+    from click.testing import CliRunner
+
+    from adapterkit.cli.main import cli
+
+    runner = CliRunner()
+    out = tmp_path / "flat"
+    result = runner.invoke(cli, ["compose", str(mix / "a"), str(mix / "b"), "-o", str(out),
+                                 "--runtime", "weighted_sum", "--weights", "1,0.5"])
+    assert result.exit_code == 0, result.output
+    assert "runtime weighted_sum composition of a, b" in result.output
+    document = json.loads((out / "composition.json").read_text())
+    assert document["composition"] == {"type": "weighted_sum", "children": ["a", "b"], "weights": [1.0, 0.5]}
+    assert document["adapters"]["a"]["path"] == "adapters/a"  # copied in: the folder stands alone
+    ours, library = BUILDERS["llama"](seed=0).eval(), BUILDERS["llama"](seed=0).eval()
+    apply_composition(out, ours, registry=REG)
+    apply_composition(mix / "copied", library, registry=REG)
+    assert torch.equal(logits(ours), logits(library))
+    assert runner.invoke(cli, ["validate", str(out)]).exit_code == 0
+
+    tree = '{"type": "average", "children": ["x", "y"], "weights": [1, 3], "normalize_weights": false}'
+    result = runner.invoke(cli, ["compose", str(mix / "a"), str(mix / "b"), "-o", str(tmp_path / "tree"),
+                                 "--runtime", tree, "--names", "x,y"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "tree" / "composition.json").read_text())["composition"] == {
+        "type": "average", "children": ["x", "y"], "weights": [1.0, 3.0], "normalize_weights": False}
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--runtime", "stack", "--strategy", "linear"], 2, "exactly one of --strategy"),
+    ([], 2, "exactly one of --strategy"),
+    (["--runtime", "average", "--density", "0.5"], 2, "--density: not used with --runtime"),
+    (["--runtime", "average", "--names", "x"], 2, "1 name(s) given for 2 adapter(s)"),
+    (["--runtime", "average", "--names", "x,x"], 2, "named alike"),
+    (["--runtime", "{not json"], 2, "a JSON block tree"),
+    (["--runtime", '{"type": "average", "children": ["a", "z"]}'], 1, "exactly the composition's members"),
+    (["--strategy", "linear", "--names", "x,y"], 2, "--names names the members"),
+])
+def test_cli_compose_runtime_refusals(mix, tmp_path, args, code, message):
+    from click.testing import CliRunner
+
+    from adapterkit.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["compose", str(mix / "a"), str(mix / "b"), "-o", str(tmp_path / "out"), *args])
+    assert result.exit_code == code and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
