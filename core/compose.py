@@ -231,9 +231,19 @@ def _check_methods(adapters: list[Adapter], registry: Registry) -> Any:
         raise UsageError(f"method {methods[0]!r} has no compose strategies", found=methods[0], code="not_composable",
                          expected=f"LoRA adapters, or a method whose plugin declares compose_strategies "
                                   f"(installed: {', '.join(_composable_methods(registry))})",
-                         hint="merge each adapter into the base instead (adapterkit merge), or compose at "
-                              "runtime where the method supports it (docs/compose.md)")
+                         hint=_other_ways(method))
     return method
+
+
+def _other_ways(method: Any) -> str:
+    """What a user of a method without compose strategies can do instead."""
+    kinds = tuple(getattr(method, "composition_kinds", ()))
+    if kinds:
+        return (f"run them together at runtime instead: adapterkit compose --runtime {'|'.join(kinds)} writes "
+                "a composition folder (docs/compose.md)")
+    if method.mergeable:
+        return "merge them into the base one after the other instead (adapterkit merge)"
+    return f"method {method.name!r} has no way to combine adapters; use them one at a time"
 
 
 def _composable_methods(registry: Registry) -> list[str]:

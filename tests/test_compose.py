@@ -408,3 +408,4 @@ def test_a_method_without_strategies_is_refused_naming_those_that_compose():
     with pytest.raises(UsageError, match="method 'bottleneck' has no compose strategies") as info:
         compose([adapter, adapter], "linear")
     assert info.value.code == "not_composable" and "lora" in str(info.value.expected).split("installed: ")[1]
+    assert "adapterkit compose --runtime stack|average|weighted_sum" in info.value.hint  # what to do instead
