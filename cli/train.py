@@ -120,6 +120,11 @@ def _report(result: Any) -> None:
         rows.append(("validation loss", f"{result.initial_val_loss:.4f} before, best {result.best_val_loss:.4f} at "
                                         f"step {result.best_step} (saved)"
                                         + ("; stopped early" if result.stopped_early else "")))
+    if result.best_val_accuracy is not None:
+        unit = "examples" if result.task != "causal-lm" else "next tokens of the completions"
+        rows.append(("validation accuracy", f"{100 * result.initial_val_accuracy:.1f}% before, "
+                                            f"{100 * result.best_val_accuracy:.1f}% at step {result.best_step} "
+                                            f"(right {unit})"))
     if result.final_train_loss is not None:
         rows.append(("training loss", f"{result.final_train_loss:.4f} at the last step"))
     memory = f"{human_bytes(result.peak_rss_bytes)} RSS"

@@ -120,6 +120,10 @@ class TrainResult:
     labels: list[str] | None = None
     head_base: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: validation accuracy before training and at best_step: right examples (classification) or right
+    #: next tokens of the completions (causal LM, argmax)
+    initial_val_accuracy: float | None = None
+    best_val_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adapter"}
@@ -280,7 +284,9 @@ def _train(base: Path, plugin: Any, config: dict[str, Any], dataset: Dataset, va
         summary["final_train_loss"] = round(result.train_losses[-1], 6)
     if result.evaluations:
         summary.update(initial_val_loss=round(result.evaluations[0].val_loss, 6),
-                       best_val_loss=round(result.best_loss, 6), best_step=result.best_step, evaluations=evaluations)
+                       best_val_loss=round(result.best_loss, 6), best_step=result.best_step, evaluations=evaluations,
+                       initial_val_accuracy=_rounded(result.evaluations[0].val_accuracy),
+                       best_val_accuracy=_rounded(result.best_accuracy))
     if labels is not None:
         summary["labels"] = labels
     if dataset.task == CLASSIFICATION:  # the head is part of the base, never trained (module docstring)
@@ -306,7 +312,13 @@ def _train(base: Path, plugin: Any, config: dict[str, Any], dataset: Dataset, va
         stopped_early=result.stopped_early, evaluations=evaluations, peak_rss_bytes=peak_rss,
         peak_device_bytes=peak_device, world_size=ctx.world, rank=ctx.rank, labels=labels, head_base=head_base,
         config=plugin.minimal_config(handle.config),
+        initial_val_accuracy=result.evaluations[0].val_accuracy if result.evaluations else None,
+        best_val_accuracy=result.best_accuracy,
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 # ---- loading ----------------------------------------------------------------------

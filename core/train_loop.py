@@ -57,9 +57,13 @@ class Evaluation:
     step: int
     val_loss: float
     train_loss: float | None = None  # mean training loss since the previous evaluation
+    #: share of validation units predicted right: examples (classification) or completion tokens (argmax)
+    val_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step, "val_loss": round(self.val_loss, 6)}
+        if self.val_accuracy is not None:
+            out["val_accuracy"] = round(self.val_accuracy, 6)
         if self.train_loss is not None:
             out["train_loss"] = round(self.train_loss, 6)
         return out
@@ -72,6 +76,7 @@ class LoopResult:
     evaluations: list[Evaluation] = field(default_factory=list)
     best_step: int | None = None
     best_loss: float | None = None
+    best_accuracy: float | None = None  # validation accuracy at best_step
     best_state: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
     seconds: float = 0.0  # wall time of the loop (evaluations included)
@@ -106,13 +111,25 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy of a collated batch (float32): next-token targets, or class labels."""
+    scores, truth = _scores(model, batch)
+    return torch.nn.functional.cross_entropy(scores, truth, reduction="sum")
+
+
+def batch_loss_and_hits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """:func:`batch_loss` and how many of its units the model's argmax gets right."""
+    scores, truth = _scores(model, batch)
+    hits = int((scores.argmax(dim=-1) == truth).sum())
+    return torch.nn.functional.cross_entropy(scores, truth, reduction="sum"), hits
+
+
+def _scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits, targets) of the scored units: completion tokens (next-token), or examples."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if "targets" in batch:
         targets = batch["targets"][:, 1:]
         mask = targets != IGNORE
-        picked = logits[:, :-1][mask].float()
-        return torch.nn.functional.cross_entropy(picked, targets[mask], reduction="sum")
-    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return logits[:, :-1][mask].float(), targets[mask]
+    return logits.float(), batch["labels"]
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -120,11 +137,11 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def evaluate(model: torch.nn.Module, rows: Sequence[Encoded], batch_size: int, pad: int, ctx: Dist,
-             bf16: bool = False) -> float:
-    """Mean loss per unit over ``rows`` (each rank computes its share; the sums are reduced)."""
+             bf16: bool = False) -> tuple[float, float]:
+    """(mean loss, accuracy) per unit over ``rows`` (each rank computes its share; the sums are reduced)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     try:
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
@@ -133,15 +150,16 @@ def evaluate(model: torch.nn.Module, rows: Sequence[Encoded], batch_size: int, p
                 if not mine:
                     continue
                 with autocast(ctx.device, bf16):
-                    loss = batch_loss(model, _to(collate(mine, pad), ctx.device))
+                    loss, hits = batch_loss_and_hits(model, _to(collate(mine, pad), ctx.device))
                 totals[0] += loss.double()
                 totals[1] += units(mine)
+                totals[2] += hits
     finally:
         model.train(was_training)
     all_reduce_sum(ctx, totals)
     if totals[1] == 0:
         raise AdapterkitError("no validation example has a token to score within --max-length", code="bad_data")
-    return float(totals[0] / totals[1])
+    return float(totals[0] / totals[1]), float(totals[2] / totals[1])
 
 
 def _micro_batches(rows: list[Encoded], parts: int) -> list[list[Encoded]]:
@@ -188,18 +206,20 @@ def run(
     def check(step: int) -> bool:
         """Evaluate, keep the best; True when early stopping says stop."""
         nonlocal since_best, pending
-        loss = evaluate(model, val_rows, options.batch_size, pad, ctx, options.bf16)
+        loss, accuracy = evaluate(model, val_rows, options.batch_size, pad, ctx, options.bf16)
         train_loss = sum(pending) / len(pending) if pending else None
         pending = []
-        result.evaluations.append(Evaluation(step, loss, train_loss))
+        result.evaluations.append(Evaluation(step, loss, train_loss, accuracy))
         improved = result.best_loss is None or loss < result.best_loss
         if improved:
             result.best_loss, result.best_step, since_best = loss, step, 0
+            result.best_accuracy = accuracy
             result.best_state = {k: v.detach().clone() for k, v in snapshot().items()}
         else:
             since_best += 1
         shown = f"train loss {train_loss:.4f}  " if train_loss is not None else ""
-        write(f"  step {step:>5}/{options.steps}  {shown}val loss {loss:.4f}{'  (best)' if improved else ''}")
+        write(f"  step {step:>5}/{options.steps}  {shown}val loss {loss:.4f}  val acc {100 * accuracy:.1f}%"
+              f"{'  (best)' if improved else ''}")
         if bar is not None:
             bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}" if result.train_losses else "-",
                             val=f"{loss:.3f}", refresh=False)

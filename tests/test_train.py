@@ -138,8 +138,9 @@ def test_best_adapter_is_saved_and_early_stopping(bases, numbers, tmp_path):
                                                                                                 dtype=torch.float32))
     from adapterkit.core.train_dist import Dist
 
-    loss = train_loop.evaluate(model, rows, 8, train_data.pad_id(tokenizer), Dist())
+    loss, accuracy = train_loop.evaluate(model, rows, 8, train_data.pad_id(tokenizer), Dist())
     assert loss == pytest.approx(result.best_val_loss, abs=1e-6)
+    assert accuracy == pytest.approx(result.best_val_accuracy, abs=1e-9)  # the accuracy of that same adapter
     training = manifest(result.path)["provenance"]["training"]
     assert training["stopped_early"] is True and training["best_step"] == result.best_step
 
@@ -152,6 +153,11 @@ def test_classification_with_the_bases_head(bases, sentiment, tmp_path):
                                out, "--max-steps", "30", "--lr", "5e-2", "--eval-every", "5", *FAST, "--json").stdout)
     assert report["task"] == "sequence-classification" and report["labels"] == ["neg", "neu", "pos"]
     assert report["best_val_loss"] < report["initial_val_loss"]
+    evaluations = report["evaluations"]  # right examples out of the validation split, at each evaluation
+    assert all(e["val_accuracy"] * report["val_examples"] == pytest.approx(
+        round(e["val_accuracy"] * report["val_examples"]), abs=1e-4) for e in evaluations)
+    assert report["best_val_accuracy"] == pytest.approx(
+        next(e["val_accuracy"] for e in evaluations if e["step"] == report["best_step"]), abs=1e-6)
     data = manifest(out)
     assert data["task"] == "sequence-classification"
     assert data["provenance"]["training"]["labels"] == ["neg", "neu", "pos"]
@@ -432,3 +438,35 @@ def test_methods_doc_rewrite_replaces_only_the_block(tmp_path):
     text = doc.read_text()
     assert text.startswith("intro\n\n") and text.endswith("\n\noutro\n") and "old" not in text
     assert "| LoRA | 10 | 2 | 1 (4) | 1 / 2 | 4 | 3 s | 2 s | 1 MiB |" in text and "| Broken | failed: boom |" in text
+
+
+def test_evaluate_counts_right_predictions():
+    """evaluate's accuracy: examples whose argmax is the label (classification), completion tokens whose
+    argmax is the next token (causal LM); prompt and padding positions do not count."""
+    import torch
+    from types import SimpleNamespace
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=self.logits)
+
+    labels = torch.tensor([0, 2, 1])
+    logits = torch.tensor([[5.0, 0, 0], [0, 0, 3.0], [4.0, 1, 0]])  # right, right, wrong
+    batch = {"input_ids": torch.zeros(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2), "labels": labels}
+    loss, hits = train_loop.batch_loss_and_hits(Fixed(logits), batch)
+    assert hits == 2 and loss.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item())
+    # causal LM: targets[:, 1:] are scored where not IGNORE; logits at t predict targets at t + 1
+    ignore = train_loop.IGNORE
+    targets = torch.tensor([[ignore, ignore, 1, 2], [ignore, 0, 0, ignore]])
+    lm = torch.zeros(2, 4, 3)
+    lm[0, 1, 1] = lm[0, 2, 0] = 5.0  # row 0: predicts 1 (right), then 0 (wrong; 2 expected)
+    lm[1, 0, 0] = lm[1, 1, 0] = 5.0  # row 1: predicts 0, 0 (both right)
+    lm[1, 2, 2] = 9.0  # a padding position's prediction: not scored
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4), "targets": targets}
+    _, hits = train_loop.batch_loss_and_hits(Fixed(lm), batch)
+    assert hits == 3
