@@ -265,15 +265,13 @@ def write(adapter: Adapter, path: str | Path) -> None:
         embeddings, fields = _prompt_out(adapter, count)
     else:
         embeddings, fields = _prefix_out(adapter, count)
-    from adapterkit.plugins.peft.detect import TASK_TYPES, TASKS
+    from adapterkit.plugins.peft.detect import peft_task_type
 
     source = manifest.provenance.get("converted_from") or {}
     original = dict(source["config"]) if source.get("format") == "peft" and isinstance(source.get("config"), dict) else {}
     if original.get("peft_type") != fields["peft_type"]:
         original = {}
-    task_type = original.get("task_type")
-    if task_type is None or TASKS.get(task_type) != manifest.task:
-        task_type = TASK_TYPES.get(manifest.task) if manifest.task else None
+    task_type = peft_task_type(manifest.task, original.get("task_type"))
     config = {
         "auto_mapping": None, "modules_to_save": None, "num_attention_heads": None, "num_layers": None,
         **original, **fields,

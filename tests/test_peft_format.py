@@ -516,3 +516,31 @@ def test_convert_is_torch_free(llama_folder, tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "out" / CONFIG).read_text() == (llama_folder / CONFIG).read_text()
+
+
+def test_a_classification_adapter_is_written_so_that_peft_loads_it(tmp_path):
+    """PEFT's SEQ_CLS model class trains the head with the adapter and requires it in the file (KeyError
+    otherwise); adapterkit keeps the head in the base, so the folder says task_type null and PEFT loads it on the
+    classifier model, giving adapterkit's logits."""
+    from transformers import BertForSequenceClassification
+
+    def classifier():
+        return BertForSequenceClassification(BUILDERS["bert"](seed=0).config).eval()
+
+    torch.manual_seed(0)
+    model = classifier()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = adapterkit.inject(model, "lora", r=4, target_modules=["query", "value"])
+    with torch.no_grad():
+        for param in handle.parameters():
+            param.normal_(0, 0.2)
+    adapter = handle.to_adapter(task="sequence-classification")
+    out = adapterkit.save(adapter, tmp_path / "peft", format="peft")
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] is None
+    inputs = {"input_ids": torch.tensor([[1, 5, 7, 9, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    fresh = classifier()
+    fresh.load_state_dict(base_state)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(fresh, str(out)).eval()(**inputs).logits
+        ours = model(**inputs).logits
+    assert max_diff(theirs, ours) <= 1e-6

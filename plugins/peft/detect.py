@@ -31,6 +31,20 @@ TASKS: dict[str, str] = {
     "QUESTION_ANS": "question-answering",
 }
 TASK_TYPES: dict[str, str] = {task: task_type for task_type, task in TASKS.items()}
+#: task types whose PEFT model class trains the task head with the adapter (adds it to modules_to_save) and
+#: requires its weights in the adapter file when loading. adapterkit adapters keep the head in the base
+#: (docs/training.md), so they are written with task_type null, which PEFT loads on the head's model.
+HEAD_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
+
+
+def peft_task_type(task: str | None, original: Any) -> str | None:
+    """task_type to write: the original when it still says the manifest's task, else the manifest's; null
+    for a task whose PEFT model class would expect a saved head."""
+    if original is not None and (task is None or (isinstance(original, str) and TASKS.get(original) == task)):
+        chosen = original
+    else:
+        chosen = TASK_TYPES.get(task) if task else None
+    return None if chosen in HEAD_TASK_TYPES else chosen
 
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 # DoRA's magnitude: PEFT strips the in-memory ".weight" when saving; older files kept it

@@ -31,7 +31,7 @@ from adapterkit.core.errors import FormatError, LossyConversionError, TensorFile
 from adapterkit.core.io import atomic_write_bytes
 
 from .detect import (
-    CONFIG_NAME, MAGNITUDE, METHOD_METADATA, QUANTIZATION_METADATA, SAFETENSORS_NAME, TASK_TYPES, TASKS, lora_key,
+    CONFIG_NAME, MAGNITUDE, METHOD_METADATA, QUANTIZATION_METADATA, SAFETENSORS_NAME, lora_key, peft_task_type,
     module_r_alpha, selects,
 )
 
@@ -73,7 +73,7 @@ def write(adapter: Adapter, path: Path, base: Any = None) -> None:
         "fan_in_fan_out": conv1d,
         "lora_dropout": lora.get("dropout", 0.0),
         "inference_mode": True,
-        "task_type": _task_type(manifest.task, original.get("task_type")),
+        "task_type": peft_task_type(manifest.task, original.get("task_type")),
         "base_model_name_or_path": manifest.base_model.get("name"),
         "revision": manifest.base_model.get("revision"),
         "init_lora_weights": original.get("init_lora_weights", True),
@@ -313,8 +313,3 @@ def _alternation(items: Iterable[str]) -> str:
     return items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
 
 
-def _task_type(task: str | None, original: Any) -> Any:
-    """The original task_type when it still says the manifest's task, else the manifest's."""
-    if original is not None and (task is None or (isinstance(original, str) and TASKS.get(original) == task)):
-        return original
-    return TASK_TYPES.get(task) if task else None
