@@ -26,6 +26,6 @@ def command(src: str, dst: str, from_format: str | None, to_format: str, base: s
     """
     from adapterkit.core.api import convert
 
-    options = {**parse_format_options(format_option), **({"base": base} if base else {})}
-    convert(src, dst, to_format, from_format=from_format, overwrite=overwrite, **options)
+    convert(src, dst, to_format, from_format=from_format, base=base, overwrite=overwrite,
+            **parse_format_options(format_option))
     click.echo(f"wrote {dst} ({to_format})")

@@ -115,6 +115,7 @@ def convert(
     to: str,
     *,
     from_format: str | None = None,
+    base: str | Path | None = None,
     overwrite: bool = False,
     registry: Registry | None = None,
     **options: Any,
@@ -123,11 +124,17 @@ def convert(
 
     Each option goes to the reader and / or the writer that declares it
     (``Format.read_options`` / ``write_options``); an option neither takes is an error.
+    ``base`` (a local HF model folder) goes to whichever of the two takes a base, and is
+    not needed when neither does.
     """
     registry = registry or default_registry()
     source = registry.format(from_format or detect_format(src, registry))
     target = registry.format(to)
     read_opts, write_opts = route_options(options, source, target)
+    if base is not None:
+        for declared, opts in ((source.read_options, read_opts), (target.write_options, write_opts)):
+            if declared is None or "base" in declared:
+                opts.setdefault("base", base)
     adapter = load(src, source.name, registry=registry, **read_opts)
     return save(adapter, dst, to, overwrite=overwrite, registry=registry, **write_opts)
 
@@ -145,7 +152,7 @@ def route_options(options: dict[str, Any], source: Any, target: Any) -> tuple[di
         known = sorted({*(source.read_options or ()), *(target.write_options or ())})
         raise UsageError(
             f"option {unused[0]!r} is taken by neither the {source.name} reader nor the {target.name} writer",
-            expected=known, found=unused, hint="check the spelling (docs/formats.md lists each format's options)",
+            expected=known, found=unused, hint="check the spelling (docs/cli.md, Conventions, lists each format's options)",
             code="bad_option",
         )
     return read_opts, write_opts

@@ -312,3 +312,21 @@ def test_ctrl_c_exits_130(folder, monkeypatch):
     monkeypatch.setattr(api, "validate", interrupted)
     result = invoke("validate", folder, exit_code=130)
     assert result.stderr.strip() == "interrupted"
+
+
+def test_convert_passes_base_only_to_the_formats_that_take_one(tmp_path):
+    """--base goes to whichever side takes a base (here the mlx writer) and is not an error for the native
+    format, which takes none; a -O key that neither side takes still is."""
+    from models import tiny_llama
+
+    from adapterkit.core.api import convert
+
+    model = tiny_llama()
+    source = adapterkit.save(adapterkit.inject(model, "lora", r=2, target_modules=["q_proj"]).to_adapter(),
+                             tmp_path / "src")
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    assert convert(source, tmp_path / "copy", "adapterkit", base=base).is_dir()
+    assert convert(source, tmp_path / "mlx", "mlx", base=base).is_dir()
+    with pytest.raises(adapterkit.UsageError, match="option 'bogus' is taken by neither"):
+        convert(source, tmp_path / "bad", "adapterkit", base=base, bogus=1)
