@@ -36,7 +36,7 @@ OUTPUTS = ("adapter", "peft", "roundtrip", "gguf", "merged", "onnx")
 PEFT_TOLERANCE = 1e-4
 #: merged weights W + s*B@A rounded to float32, over 30 layers, on logits of magnitude ~20
 MERGED_TOLERANCE = 5e-3
-BENCH_REPEATS, BENCH_TOKENS = 3, 64
+BENCH_REPEATS, BENCH_TOKENS = 5, 64
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -324,17 +324,26 @@ def _deploy(shipped: dict[str, Any], out: Path, base: Path, val: dict[str, Any],
     forward = report.forward[0]
     bench = {"adapter_bytes": report.sizes["adapter_file_bytes"], "base_bytes": report.sizes["base_bytes"],
              "base_ms": forward.base.median * 1e3, "unmerged_ms": forward.unmerged.median * 1e3,
-             "merged_ms": forward.merged.median * 1e3 if forward.merged else None}
+             "merged_ms": forward.merged.median * 1e3 if forward.merged else None,
+             "spread_percent": _spread(forward.base.runs)}
     echo(f"Sizes: the adapter {bench['adapter_bytes'] / 1e6:.1f} MB, the base {bench['base_bytes'] / 1e6:.0f} MB: "
          f"ten tenants cost {10 * bench['adapter_bytes'] / 1e6:.0f} MB as adapters, "
          f"{10 * bench['base_bytes'] / 1e9:.1f} GB as fine-tuned copies")
-    echo(f"Bench (median of {BENCH_REPEATS}, 1 x {BENCH_TOKENS} tokens): base {bench['base_ms']:.0f} ms, "
+    echo(f"Bench (median of {BENCH_REPEATS}, 1 x {BENCH_TOKENS} tokens; the base's runs spread "
+         f"+-{bench['spread_percent']:.0f} %, so smaller differences are noise): base {bench['base_ms']:.0f} ms, "
          f"adapter unmerged {bench['unmerged_ms']:.0f} ms ({_percent(bench['unmerged_ms'], bench['base_ms'])}), "
          + (f"merged {bench['merged_ms']:.0f} ms ({_percent(bench['merged_ms'], bench['base_ms'])})"
             if bench["merged_ms"] is not None else "merged: n/a"))
     return {"gguf_path": gguf_dir, "gguf_identical": gguf_identical, "merged_path": merged_dir,
             "merged_disk_max_abs_diff": merged_diff, "onnx_path": onnx_dir, "onnx_max_abs_diff": onnx_diff,
             "bench": bench}
+
+
+def _spread(runs: Sequence[float]) -> float:
+    """Half the range of ``runs`` as a percentage of their median: the run-to-run noise of a timing."""
+    import statistics
+
+    return 50 * (max(runs) - min(runs)) / statistics.median(runs)
 
 
 def _size(folder: Path) -> str:

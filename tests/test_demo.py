@@ -84,6 +84,7 @@ def test_demo_loss_drops_and_the_adapter_survives_the_toolchain(demo_run):
     bench = result["bench"]
     assert 0 < bench["adapter_bytes"] < 0.05 * bench["base_bytes"]
     assert bench["base_ms"] > 0 and bench["unmerged_ms"] > 0 and bench["merged_ms"] > 0
+    assert bench["spread_percent"] >= 0
     assert len(result["training_losses"]) == 10
     assert any(line.startswith("Before training") for line in lines)
     assert any(line.startswith("After training") for line in lines)
