@@ -14,12 +14,14 @@ def command(as_json: bool) -> None:
 
     Exit status 1 when a plugin failed to load (the others keep working).
     """
+    from adapterkit.core.method import capabilities
     from adapterkit.core.plugins import default_registry
 
     registry = default_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (i.distribution != "adapterkit", i.name))
     if as_json:
-        echo_json([info.to_dict() for info in infos])
+        echo_json([{**info.to_dict(), "method_capabilities": {m: capabilities(registry.methods[m])
+                                                              for m in info.methods}} for info in infos])
         raise SystemExit(1 if registry.failures else 0)
     for info in infos:
         dist = f"{info.distribution} {info.version}" if info.distribution else "(not installed)"
@@ -27,6 +29,8 @@ def command(as_json: bool) -> None:
         click.echo(f"{info.name}  [{mark}]  {dist}  ({info.module})")
         if info.methods:
             click.echo("  methods: " + ", ".join(f"{m} ({registry.methods[m].description})" for m in info.methods))
+            for m in info.methods:
+                click.echo(f"    {m}: {_capability_text(capabilities(registry.methods[m]))}")
         if info.formats:
             click.echo("  formats: " + ", ".join(f"{f} ({registry.formats[f].description})" for f in info.formats))
         if info.hooks:
@@ -34,3 +38,14 @@ def command(as_json: bool) -> None:
         for error in info.errors:
             click.echo(f"  error:   {error}")
     raise SystemExit(1 if registry.failures else 0)
+
+
+def _capability_text(caps: dict) -> str:
+    """``merge; compose linear, cat, ...; runtime weighted_sum, average; adapter pool`` (what is possible)."""
+    parts = ["merge" if caps["merge"] else "no merge"]
+    parts.append(f"compose {', '.join(caps['compose'])}" if caps["compose"] else "no compose")
+    if caps["runtime_composition"]:
+        parts.append(f"runtime {', '.join(caps['runtime_composition'])}")
+    if caps["adapter_pool"]:
+        parts.append("adapter pool")
+    return "; ".join(parts)

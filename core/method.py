@@ -194,3 +194,17 @@ class Method(ABC):
         from .onnx_trace import default_prepare_export
 
         return default_prepare_export(self, model, mode, adapter_name)
+
+
+def capabilities(method: Method) -> dict[str, Any]:
+    """What adapterkit can do with adapters of ``method``, for ``adapterkit plugins``.
+
+    ``merge``: into the base weights; ``compose``: the strategies of ``adapterkit compose``;
+    ``runtime_composition``: the blocks it runs (``compose --runtime``, ``activate``);
+    ``adapter_pool``: served by :class:`adapterkit.AdapterPool` (hot-swap, mixed batches).
+    """
+    from .compose import COMPOSABLE_METHODS, STRATEGIES
+
+    strategies = STRATEGIES if method.name in COMPOSABLE_METHODS else tuple(method.compose_strategies)
+    return {"merge": bool(method.mergeable), "compose": list(strategies),
+            "runtime_composition": list(method.composition_kinds), "adapter_pool": method.name == "lora"}

@@ -235,7 +235,17 @@ def test_plugins_text_and_json():
     entries = json.loads(invoke("plugins", "--json").stdout)
     names = [e["name"] for e in entries]
     assert {"adapterkit", "lora"} <= set(names)
-    assert all(set(e) >= {"name", "distribution", "version", "hooks", "methods", "formats", "errors"} for e in entries)
+    assert all(set(e) >= {"name", "distribution", "version", "hooks", "methods", "formats", "errors",
+                          "method_capabilities"} for e in entries)
+    caps = {m: c for e in entries for m, c in e["method_capabilities"].items()}
+    assert caps["lora"] == {"merge": True, "compose": ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
+                                                       "magnitude_prune"],
+                            "runtime_composition": ["weighted_sum", "average"], "adapter_pool": True}
+    assert caps["bottleneck"] == {"merge": False, "compose": [], "runtime_composition": ["stack", "average",
+                                                                                         "weighted_sum"],
+                                  "adapter_pool": False}
+    assert caps["prompt"] == {"merge": False, "compose": [], "runtime_composition": [], "adapter_pool": False}
+    assert "    bottleneck: no merge; no compose; runtime stack, average, weighted_sum" in text
 
 
 # ---- real processes -----------------------------------------------------------

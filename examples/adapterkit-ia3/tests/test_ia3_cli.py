@@ -49,6 +49,8 @@ def test_plugins_lists_ia3_next_to_the_built_ins():
     ia3 = entries[names.index("ia3")]
     assert ia3["distribution"] == "adapterkit-ia3" and ia3["version"] == "0.1.0" and ia3["module"] == "adapterkit_ia3"
     assert ia3["methods"] == ["ia3"] and ia3["formats"] == ["peft-ia3"] and ia3["errors"] == []
+    assert ia3["method_capabilities"] == {"ia3": {"merge": True, "compose": ["linear"], "runtime_composition": [],
+                                                  "adapter_pool": False}}
     assert names.index("lora") < names.index("ia3")  # built-ins first, then third parties
     text = run_cli("plugins").stdout
     assert "ia3  [ok]  adapterkit-ia3 0.1.0  (adapterkit_ia3)" in text
