@@ -56,9 +56,9 @@ def command(adapters: tuple[str, ...], out_dir: str, strategy: str | None, weigh
     if (strategy is None) == (runtime is None):
         raise click.UsageError("pass exactly one of --strategy (a new adapter) and --runtime (a composition folder)")
     if runtime is not None:
-        given = [flag for flag, value in (("--density", density), ("--rank", rank), ("--seed", seed),
-                                          ("--majority-sign", majority_sign != "total" or None),
-                                          ("--to", to_format != "adapterkit" or None)) if value is not None]
+        given = [flag for flag, used in (("--density", density is not None), ("--rank", rank is not None),
+                                         ("--seed", seed is not None), ("--majority-sign", majority_sign != "total"),
+                                         ("--to", to_format != "adapterkit")) if used]
         if given:
             raise click.UsageError(f"{', '.join(given)}: not used with --runtime (they set --strategy's math)")
         _write_runtime(adapters, out_dir, runtime, weights, names, overwrite)
