@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from .composition_folder import load_composition, save_composition
 from .errors import UsageError
 from .method import Method
 from .plugins import Registry
-from .session import InjectedAdapter, apply, attached
+from .session import InjectedAdapter, apply, attached, method_disabled
 
 ACTIVE = "adapterkit_composition"
 
@@ -40,14 +40,9 @@ class ActiveComposition:
         handles = attached(self.model)
         return {name: handles[name] for name in self.composition.members()}
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
         """Run the base model alone inside this block (every adapter of the members' method off)."""
-        self.method.set_enabled(self.model, False)
-        try:
-            yield
-        finally:
-            self.method.set_enabled(self.model, True)
+        return method_disabled(self.method, self.model)
 
     def deactivate(self) -> None:
         deactivate(self.model)

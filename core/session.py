@@ -24,6 +24,16 @@ from .torch_bridge import dtype_name, to_numpy, to_torch
 ATTACHED = "adapterkit_adapters"
 
 
+@contextlib.contextmanager
+def method_disabled(method: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Every adapter of ``method`` on ``model`` switched off inside the block, back on after it."""
+    method.set_enabled(model, False)
+    try:
+        yield
+    finally:
+        method.set_enabled(model, True)
+
+
 @dataclass
 class InjectedAdapter:
     """One adapter living in a model: its parameters, merge state and manifest data."""
@@ -56,14 +66,9 @@ class InjectedAdapter:
             self.method.unmerge(self.model, self.name)
             self.merged = False
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
         """Run the base model alone inside this block."""
-        self.method.set_enabled(self.model, False)
-        try:
-            yield
-        finally:
-            self.method.set_enabled(self.model, True)
+        return method_disabled(self.method, self.model)
 
     def to_adapter(
         self,
