@@ -162,8 +162,9 @@ def _load_adapters(value: Any, registry: Registry) -> dict[str, Adapter]:
             name = (source.name if source.is_dir() else source.stem) if source is not None else f"adapter{index}"
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or f"adapter{index}"
         if name in out:
-            raise UsageError(f"two adapters are named {name!r}", hint="pass a mapping name -> adapter",
-                             code="duplicate_adapter")
+            raise UsageError(f"two adapters are named {name!r}", code="duplicate_adapter",
+                             hint="each adapter is named after its folder (or file): give them distinct names, "
+                                  "or pass a mapping name -> adapter to export_onnx")
         out[name] = adapter
     return out
 
@@ -471,8 +472,11 @@ class _Comparison:
                                          and self.float64 <= exact_bound)
 
     def exact_bound(self, bound: float) -> float | None:
-        """The bound against float64: ``bound`` widened by twice torch's own float32 rounding."""
-        return None if self.torch_rounding is None else bound + 2 * self.torch_rounding
+        """The bound against float64: ``bound`` widened by twice torch's own float32 rounding. A zero bound
+        (atol = rtol = 0) asks for torch's float32 output exactly, so there is no float64 route then."""
+        if self.torch_rounding is None or bound <= 0:
+            return None
+        return bound + 2 * self.torch_rounding
 
     def describe(self) -> str:
         text = f"{self.float32:.3g} from torch float32"

@@ -393,6 +393,9 @@ def test_the_float64_reference_rescues_an_export_closer_to_the_exact_answer():
     assert "<= 0.00045 from torch float32 or <= 0.00325 from float64" in str(info.value)
     with pytest.raises(AdapterkitError):  # without a float64 run, float32 alone decides
         job._verdict(check, {"a": _compare(exact + np.array([[2.1e-4, 0.0]]), torch32, None)})
+    strict = _Job({}, Path("."), None, 18, "auto", 2, 8, True, (0.0, 0.0), lambda _: None)
+    with pytest.raises(AdapterkitError):  # atol = rtol = 0 asks for torch float32 exactly: no float64 route
+        strict._verdict(check, {"a": _compare(exact.copy(), torch32, exact)})
 
 
 @pytest.mark.parametrize("kwargs,code", [
