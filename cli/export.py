@@ -117,7 +117,8 @@ def check_command(ctx: click.Context, folder: str, session: bool, as_json: bool)
 
         echo_json(report.to_dict())
     else:
-        click.echo(f"{folder}: {'ok' if report.ok else 'INVALID'} ({report.manifest.get('mode', '?')})")
+        mode = report.manifest.get("mode")
+        click.echo(f"{folder}: {'ok' if report.ok else 'INVALID'}" + (f" ({mode} export)" if mode else ""))
         for item in report.model.get("inputs", []):
             click.echo(f"  input   {item['name']} {item['dtype']} {item['shape']}")
         for item in report.model.get("outputs", []):
