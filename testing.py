@@ -97,7 +97,7 @@ def perturb(parameters: list[Any], seed: int = 0, scale: float = 0.2) -> None:
 
 def base_state(model: Any) -> dict[str, Any]:
     """Clones of every parameter and buffer that is not an adapter parameter."""
-    from adapterkit.core.session import attached
+    from adapterkit.core.runtime.inject import attached
 
     adapter_ids = {id(p) for injected in attached(model).values() for p in injected.parameters()}
     state = {}
@@ -131,7 +131,7 @@ class MethodConformance:
         return model, handle
 
     def _registry(self) -> Any:
-        from adapterkit.core.plugins import default_registry
+        from adapterkit.core.plugin.registry import default_registry
 
         return self.registry or default_registry()
 
@@ -205,7 +205,9 @@ class MethodConformance:
         perturb(handle.parameters())
         inputs = sample_inputs()
         method = self._registry().method(self.method)
-        if not method.mergeable:
+        from adapterkit.core.plugin.capabilities import can_merge
+
+        if not can_merge(method):
             assert method.merge_refusal(handle.config), "a non-mergeable method must say why it cannot merge"
             from adapterkit.core.errors import AdapterkitError
 
@@ -227,7 +229,7 @@ class MethodConformance:
 
     def test_validate_accepts_saved_and_rejects_tampered(self, kind: str, tmp_path: Path) -> None:
         import adapterkit
-        from adapterkit.core import safetensors_io
+        from adapterkit.core.format import safetensors_io
 
         _, _, path = self._saved(kind, tmp_path)
         report = adapterkit.validate(path, registry=self._registry())

@@ -48,8 +48,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {"svd": {}, "ties": {"density": 0.5}, "l
 
 ADAPTERKIT_COMPOSE = """
 import json, sys, time
-from adapterkit.core.api import load, save
-from adapterkit.core.compose import compose
+from adapterkit.core.store.adapters import load, save
+from adapterkit.core.ops.compose import compose
 strategy, out, a, b, options, weights = sys.argv[1:7]
 adapters = [load(a), load(b)]
 start = time.perf_counter()

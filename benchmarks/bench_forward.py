@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
 
     import adapterkit
-    from adapterkit.core.session import attached
+    from adapterkit.core.runtime.inject import attached
 
     with common.workdir(args, "bench-forward-") as work:
         base = common.base_of(args, work)

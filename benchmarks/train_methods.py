@@ -1,9 +1,9 @@
 """Train every built-in method on the real SmolLM2-135M with ``adapterkit train``; write docs/methods.md's table.
 
-The task is the demo's (adapterkit.core.demo): write a number in words,
+The task is the demo's (adapterkit.core.demo.run): write a number in words,
 ``"47 ->"`` -> ``" forty-seven"``, 84 training numbers and 16 held out (the
 validation set, never trained on). Each method trains for ``--steps`` steps of
-8 examples (sequences under 16 tokens) with :func:`adapterkit.core.train.train`
+8 examples (sequences under 16 tokens) with :func:`adapterkit.core.train.run.train`
 in its own process, so that the peak resident memory (``ru_maxrss``) is that
 method's alone. The validation loss is the mean cross-entropy per completion
 token (the answer and EOS) on the 16 held-out numbers: before training
@@ -65,7 +65,7 @@ import json, resource, sys
 spec = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(spec["threads"])
-from adapterkit.core.train import train
+from adapterkit.core.train.run import train
 result = train(spec["base"], spec["method"], spec["train"], None, config=spec["config"], lr=spec["lr"],
                max_steps=spec["steps"], batch_size=spec["batch_size"], eval_every=spec["eval_every"],
                val_data=spec["val"], max_length=spec["max_length"], seed=0, progress=False)
@@ -78,7 +78,7 @@ out["process_cpu_seconds"] = usage.ru_utime + usage.ru_stime
 # held-out exact answers: the saved (best) adapter applied to a fresh base, greedy decoding
 import adapterkit
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from adapterkit.core.demo import greedy
+from adapterkit.core.demo.run import greedy
 tokenizer = AutoTokenizer.from_pretrained(spec["base"])
 model = adapterkit.apply(result.adapter, AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)).eval()
 rows = [json.loads(line) for line in open(spec["val"])]
@@ -89,7 +89,7 @@ print("RESULT " + json.dumps(out))
 
 
 def write_task(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    from adapterkit.core.demo import example, make_task
+    from adapterkit.core.demo.run import example, make_task
 
     train_numbers, held_out = make_task(seed)
     paths = []
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             rewrite_doc(text)
         return 0
 
-    from adapterkit.core.plugins import default_registry
+    from adapterkit.core.plugin.registry import default_registry
 
     registered = set(default_registry().methods)
     wanted = args.methods.split(",") if args.methods else [m[0] for m in METHODS]
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.base:
         base, label = Path(args.base), args.base
     else:
-        from adapterkit.core.real_models import SMOLLM2_NAME, smollm2_path
+        from adapterkit.core.demo.real_models import SMOLLM2_NAME, smollm2_path
 
         base, label = smollm2_path(), f"{SMOLLM2_NAME} (135M)"
 

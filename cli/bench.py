@@ -46,8 +46,8 @@ def command(adapter: str, base: str, format_: str | None, repeats: int, seq_len:
 
     Every time is the median of --repeats runs after a warm-up, with min and max.
     """
-    from adapterkit.core.bench import bench_adapter
-    from adapterkit.core.bench_render import format_text, plot
+    from adapterkit.core.bench.measure import bench_adapter
+    from adapterkit.core.bench.render import format_text, plot
 
     def progress(text: str) -> None:
         if sys.stderr.isatty():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+from adapterkit.core.plugin.capabilities import LOW_RANK_STRATEGIES as STRATEGIES
 
 
 def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
@@ -20,8 +20,9 @@ def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=str), help="New adapter folder (with --runtime: composition folder).")
 @click.option("--strategy", metavar="NAME",
-              help=f"How to combine (docs/compose.md). LoRA: {', '.join(STRATEGIES)}; another method: the ones "
-                   "its plugin declares (an unknown name lists them).")
+              help=f"How to combine (docs/compose.md). Methods with low-rank factors (LoRA, ...): "
+                   f"{', '.join(STRATEGIES)}; another method: the ones its plugin declares (an unknown name lists "
+                   "them).")
 @click.option("--weights", callback=_weights, metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
 @click.option("--density", type=float, help="Fraction of entries kept (ties, dare_*, magnitude_prune).")
 @click.option("--rank", type=int, help="Rank of the result (svd; default: the largest input rank).")
@@ -34,10 +35,12 @@ def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> l
                    "for adapterkit.apply_composition: stack, average, weighted_sum, or a JSON block tree.")
 @click.option("--names", callback=lambda ctx, param, value: value.split(",") if value else None, metavar="N1,N2,...",
               help="Member names of a --runtime composition (default: the adapter folders' names).")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Local HF base model folder, for input formats whose reader needs it (torchtune, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def command(adapters: tuple[str, ...], out_dir: str, strategy: str | None, weights: list[float] | None,
             density: float | None, rank: int | None, seed: int | None, majority_sign: str, to_format: str,
-            runtime: str | None, names: list[str] | None, overwrite: bool) -> None:
+            runtime: str | None, names: list[str] | None, base: str | None, overwrite: bool) -> None:
     """Combine adapters of one method, made for one base model, into a new adapter.
 
     LoRA: linear, ties, dare_linear, dare_ties and magnitude_prune combine the A
@@ -61,33 +64,38 @@ def command(adapters: tuple[str, ...], out_dir: str, strategy: str | None, weigh
                                          ("--to", to_format != "adapterkit")) if used]
         if given:
             raise click.UsageError(f"{', '.join(given)}: not used with --runtime (they set --strategy's math)")
-        _write_runtime(adapters, out_dir, runtime, weights, names, overwrite)
+        _write_runtime(adapters, out_dir, runtime, weights, names, base, overwrite)
         return
     assert strategy is not None
     if names is not None:
         raise click.UsageError("--names names the members of a --runtime composition")
-    from .merge import prefer_single_threaded_blas
-
-    prefer_single_threaded_blas()
     from adapterkit.core.api import save
-    from adapterkit.core.compose import compose
+    from adapterkit.core.ops.compose import compose
 
-    adapter = compose(list(adapters), strategy, weights, density, rank, seed, majority_sign=majority_sign)
-    save(adapter, out_dir, to_format, overwrite=overwrite)
+    adapter = compose(list(adapters), strategy, weights, density, rank, seed, majority_sign=majority_sign, base=base)
+    save(adapter, out_dir, to_format, overwrite=overwrite, **({"base": base} if base and _writer_takes_base(to_format)
+                                                                else {}))
     ranks = sorted({t["r"] for t in adapter.targets.values() if "r" in t})
     rank_text = f", rank {', '.join(map(str, ranks))}" if ranks else ""
     click.echo(f"wrote {out_dir} ({adapter.method} {strategy} of {len(adapters)} adapters, "
                f"{len(adapter.targets)} modules{rank_text})")
 
 
+def _writer_takes_base(to_format: str) -> bool:
+    from adapterkit.core.plugin.registry import default_registry
+    from adapterkit.core.store.adapters import takes_option
+
+    return takes_option(default_registry().format(to_format).write_options, "base")
+
+
 def _write_runtime(adapters: tuple[str, ...], out_dir: str, runtime: str, weights: list[float] | None,
-                   names: list[str] | None, overwrite: bool) -> None:
+                   names: list[str] | None, base: str | None, overwrite: bool) -> None:
     """``compose --runtime``: a composition folder through :func:`adapterkit.save_composition`."""
     import json
     from pathlib import Path
 
     from adapterkit.core.api import load
-    from adapterkit.core.composition import KINDS, parse
+    from adapterkit.core.format.composition import KINDS, parse
 
     names = names or [Path(path).resolve().name for path in adapters]
     if len(names) != len(adapters):
@@ -107,8 +115,8 @@ def _write_runtime(adapters: tuple[str, ...], out_dir: str, runtime: str, weight
         if weights is not None:
             raise click.UsageError("--weights applies to a flat --runtime block; put weights in the JSON tree")
     block = parse(tree)
-    from adapterkit.core.composition_folder import save_composition
+    from adapterkit.core.store.composition_folder import save_composition
 
-    members = {name: load(path) for name, path in zip(names, adapters)}
+    members = {name: load(path, base=base) for name, path in zip(names, adapters)}
     save_composition(out_dir, block, members, overwrite=overwrite)
     click.echo(f"wrote {out_dir} (runtime {block.kind} composition of {', '.join(block.members())})")

@@ -1,4 +1,4 @@
-"""``adapterkit demo``: a thin wrapper over :func:`adapterkit.core.demo.run_demo`."""
+"""``adapterkit demo``: a thin wrapper over :func:`adapterkit.core.demo.run.run_demo`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from adapterkit.core.demo import DEFAULT_LR, DEFAULT_STEPS
+from adapterkit.core.demo.run import DEFAULT_LR, DEFAULT_STEPS
 
 
 @click.command("demo")
@@ -34,7 +34,7 @@ def command(ctx: click.Context, out_dir: Path | None, steps: int, lr: float, see
 
     Exit status: 0 when every check passed, 1 otherwise.
     """
-    from adapterkit.core.demo import run_demo
+    from adapterkit.core.demo.run import run_demo
 
     from .inspect import command as inspect_command
 

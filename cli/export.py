@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-MODES = ("merged", "swappable")  # adapterkit.core.onnx_export.MODES (not imported: keeps --help light)
-EXPORTERS = ("auto", "torchscript", "dynamo")
+from adapterkit.core.export.onnx import EXPORTERS, MODES
 
 
 @click.group("export")
@@ -55,13 +54,13 @@ def onnx_command(adapters: tuple[str, ...], base: str, out_dir: str, mode: str, 
     folder appears atomically.
     """
     from adapterkit.core.api import load
-    from adapterkit.core.onnx_export import export_onnx
-    from adapterkit.core.onnx_files import read_manifest
+    from adapterkit.core.export.onnx import export_onnx
+    from adapterkit.core.export.files import read_manifest
 
     def progress(line: str) -> None:
         click.echo(line, err=True)
 
-    loaded: list[Any] = [load(path, format_) for path in adapters] if format_ is not None else list(adapters)
+    loaded: list[Any] = [load(path, format_, base=base) for path in adapters] if format_ is not None else list(adapters)
     out = export_onnx(loaded, base, out_dir, mode=mode, opset=opset, exporter=exporter, batch=batch,
                       seq_len=seq_len, verify=not no_verify, atol=atol, rtol=rtol, overwrite=overwrite,
                       progress=progress)
@@ -109,7 +108,7 @@ def check_command(ctx: click.Context, folder: str, session: bool, as_json: bool)
     """Check an export FOLDER: manifest and files, onnx.checker on the model,
     inputs and outputs, and each adapter file against the model's factor inputs.
     Exit 1 when something is wrong."""
-    from adapterkit.core.onnx_files import check_export
+    from adapterkit.core.export.files import check_export
 
     report = check_export(folder, session=session)
     if as_json:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import click
 
+from .options import format_options, parse_format_options
 from .output import echo_json, human_bytes, human_count
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=str))
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Local HF base model folder, for formats whose reader needs it (torchtune, PEFT prompt tuning, ...).")
 @click.option("--from", "format_", metavar="FMT", help="Format of PATH (default: detected).")
+@format_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(path: str, format_: str | None, as_json: bool) -> None:
+def command(path: str, base: str | None, format_: str | None, format_option: tuple[str, ...], as_json: bool) -> None:
     """Summarise an adapter: method, targets, ranks, parameters, file size and size relative to the base."""
     from adapterkit.core.api import inspect
 
-    summary = inspect(path, format=format_)
+    summary = inspect(path, base, format=format_, **parse_format_options(format_option))
     if as_json:
         echo_json(summary)
         return
@@ -35,6 +39,11 @@ def command(path: str, format_: str | None, as_json: bool) -> None:
         ("parameters", f"{summary['parameters']:,} ({human_count(summary['parameters'])})"),
         ("file size", human_bytes(summary["file_bytes"])),
     ]
+    experts = summary.get("expert_parameters") or {}
+    if experts:
+        shapes = sorted({f"{p.rsplit('.', 1)[-1]} {'x'.join(map(str, e['shape']))}" for p, e in experts.items()})
+        rows.append(("experts", f"{len(experts)} expert parameters ({max(e['experts'] for e in experts.values())} "
+                                f"experts, one rank-r pair each): {', '.join(shapes)}"))
     if "parameters_relative_to_base" in summary:
         rows.append(("vs base", f"{100 * summary['parameters_relative_to_base']:.3f}% of "
                                 f"{human_count(summary['base_parameters'])} base parameters"))

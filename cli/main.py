@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("adapterkit.cli.convert", "Convert an adapter between formats (source auto-detected)."),
     "merge": ("adapterkit.cli.merge", "Fold an adapter into its base model: a full HF model folder (streaming, no torch)."),
     "compose": ("adapterkit.cli.compose", "Combine adapters of one base into a new one (linear, cat, svd, ties, dare_*, ...), or write a runtime composition."),
+    "to-lora": ("adapterkit.cli.to_lora", "Lower an adapter with a computable delta (DoRA, IA3, LoRA, ...) to plain LoRA by truncated SVD, with per-module errors."),
     "schema": ("adapterkit.cli.schema", "Print the JSON Schema of the adapter manifest."),
     "plugins": ("adapterkit.cli.plugins", "List the loaded plugins, their hooks, methods and formats."),
     "train": ("adapterkit.cli.train", "Train a new adapter of any method on a JSON Lines file (causal LM or classification)."),
@@ -41,7 +42,7 @@ class LazyGroup(click.Group):
     def _add_plugin_commands(self) -> None:
         if not self._plugins_added:
             self._plugins_added = True
-            from adapterkit.core.plugins import default_registry
+            from adapterkit.core.plugin.registry import default_registry
 
             default_registry().register_commands(self)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 
 import click
 
@@ -30,23 +28,12 @@ def command(adapter: str, base: str, out_dir: str, dtype: str, format_: str | No
     output appears atomically. Methods that cannot be merged are refused with
     the reason.
     """
-    prefer_single_threaded_blas()
     from adapterkit.core.api import load
-    from adapterkit.core.merge import merge_into_base
+    from adapterkit.core.ops.merge import merge_into_base
 
-    loaded = load(adapter, format_)
+    loaded = load(adapter, format_, base=base)
     merge_into_base(loaded, base, out_dir, dtype=None if dtype == "auto" else dtype, overwrite=overwrite,
                     progress=True)
     click.echo(f"wrote {out_dir} ({loaded.method}, {len(loaded.targets)} modules merged into {base})")
 
 
-def prefer_single_threaded_blas() -> None:
-    """One BLAS thread for this process, unless the user chose otherwise (set before numpy loads).
-
-    The products a merge or a composition computes have a small inner dimension
-    (the rank): BLAS threads gain nothing there, and on a busy machine their
-    spinning makes them many times slower.
-    """
-    if "numpy" not in sys.modules:
-        for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(name, "1")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from adapterkit.core.errors import UsageError
+from adapterkit.core.io import parse_pairs
 
 
 def format_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -21,13 +20,4 @@ def format_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_format_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError("format option must be KEY=VALUE", found=pair, hint="e.g. -O alpha=16", code="bad_option")
-        try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
-    return options
+    return parse_pairs(pairs, "-O", "alpha=16")

@@ -14,13 +14,13 @@ def command(as_json: bool) -> None:
 
     Exit status 1 when a plugin failed to load (the others keep working).
     """
-    from adapterkit.core.method import capabilities
-    from adapterkit.core.plugins import default_registry
+    from adapterkit.core.plugin.capabilities import summary
+    from adapterkit.core.plugin.registry import default_registry
 
     registry = default_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (i.distribution != "adapterkit", i.name))
     if as_json:
-        echo_json([{**info.to_dict(), "method_capabilities": {m: capabilities(registry.methods[m])
+        echo_json([{**info.to_dict(), "method_capabilities": {m: summary(registry.methods[m])
                                                               for m in info.methods}} for info in infos])
         raise SystemExit(1 if registry.failures else 0)
     for info in infos:
@@ -30,9 +30,11 @@ def command(as_json: bool) -> None:
         if info.methods:
             click.echo("  methods: " + ", ".join(f"{m} ({registry.methods[m].description})" for m in info.methods))
             for m in info.methods:
-                click.echo(f"    {m}: {_capability_text(capabilities(registry.methods[m]))}")
+                click.echo(f"    {m}: {_capability_text(summary(registry.methods[m]))}")
         if info.formats:
             click.echo("  formats: " + ", ".join(f"{f} ({registry.formats[f].description})" for f in info.formats))
+        if info.codecs:
+            click.echo("  codecs:  " + ", ".join(f"{c} ({registry.codecs[c].description})" for c in info.codecs))
         if info.hooks:
             click.echo("  hooks:   " + ", ".join(info.hooks))
         for error in info.errors:
@@ -41,11 +43,11 @@ def command(as_json: bool) -> None:
 
 
 def _capability_text(caps: dict) -> str:
-    """``merge; compose linear, cat, ...; runtime weighted_sum, average; adapter pool`` (what is possible)."""
+    """``LowRank, ...: merge; compose linear, cat, ...; runtime weighted_sum, average; adapter pool``."""
     parts = ["merge" if caps["merge"] else "no merge"]
     parts.append(f"compose {', '.join(caps['compose'])}" if caps["compose"] else "no compose")
     if caps["runtime_composition"]:
         parts.append(f"runtime {', '.join(caps['runtime_composition'])}")
     if caps["adapter_pool"]:
         parts.append("adapter pool")
-    return "; ".join(parts)
+    return (", ".join(caps["capabilities"]) or "no capabilities") + ": " + "; ".join(parts)

@@ -13,11 +13,11 @@ from .output import echo_json
 def command(major: int, method: str | None) -> None:
     """Print the JSON Schema of the adapter manifest (adapter.json), or of a method's config."""
     if method:
-        from adapterkit.core.plugins import default_registry
+        from adapterkit.core.plugin.registry import default_registry
 
         plugin = default_registry().method(method)
         echo_json({"config": plugin.config_schema(), "target": plugin.target_schema()})
         return
-    from adapterkit.core.manifest import schema
+    from adapterkit.core.format.manifest import schema
 
     echo_json(schema(major))

@@ -1,4 +1,4 @@
-"""``adapterkit train``: a thin wrapper over :func:`adapterkit.core.train.train`."""
+"""``adapterkit train``: a thin wrapper over :func:`adapterkit.core.train.run.train`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,14 @@ def _number(value: float | None) -> float | int | None:
                    "and train for it.")
 @click.option("--base-name", help="Base model name to record in the manifest (default: the --base path).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and --head-base) if they exist.")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the frozen base over the processes (FSDP2, one "
+                                           "unit per layer); the adapter stays whole on each.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), metavar="N",
+              help="Write a checkpoint to OUT/checkpoints/step-N every N steps (and at the last step).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True, metavar="K",
+              help="How many of the newest checkpoints to keep.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its newest complete checkpoint "
+                                             "(the same options; --max-steps may grow under the constant schedule).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(base: str, method: str, data: str, out: str, rank: int | None, alpha: float | None, targets: str | None,
             dropout: float | None, reduction_factor: float | None, num_virtual_tokens: int | None,
@@ -81,16 +89,18 @@ def command(base: str, method: str, data: str, out: str, rank: int | None, alpha
     output is a validated adapterkit adapter whose provenance.training holds the
     run's summary. Progress goes to stderr, the report to stdout.
 
-    Data-parallel: torchrun --nproc_per_node N -m adapterkit train ... (docs/training.md).
+    Data-parallel: torchrun --nproc_per_node N -m adapterkit train ... (docs/training.md);
+    add --fsdp to shard the base. --checkpoint-every N writes resumable checkpoints; --resume continues.
     """
-    from adapterkit.core.train_config import method_config, parse_pairs, parse_targets
+    from adapterkit.core.io import parse_pairs
+    from adapterkit.core.train.config import method_config, parse_targets
 
     shortcuts = {"rank": rank, "alpha": _number(alpha), "targets": parse_targets(targets) if targets else None,
                  "dropout": dropout, "reduction_factor": _number(reduction_factor),
                  "num_virtual_tokens": num_virtual_tokens}
     method, config = method_config(method, parse_pairs(config_pairs), shortcuts=shortcuts, quantize=quantize)
     _quiet_import_noise()
-    from adapterkit.core.train import train
+    from adapterkit.core.train.run import train
 
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
     result = train(base, method, data, out, config=config, echo=echo,
@@ -114,8 +124,17 @@ def _report(result: Any) -> None:
                  + (f"; labels {', '.join(result.labels)}" if result.labels else "")),
         ("trainable", f"{result.trainable_parameters:,} parameters"),
         ("steps", f"{result.steps} ({result.epochs:.3g} epochs) in {result.seconds:.1f} s"
-                  + (f" on {result.world_size} processes" if result.world_size > 1 else "")),
+                  + (f" on {result.world_size} processes" if result.world_size > 1 else "")
+                  + (f", resumed at step {result.resumed_from}" if result.resumed_from is not None else "")),
     ]
+    if result.base_bytes is not None:
+        held = " / ".join(human_bytes(b) for b in result.base_bytes_per_rank)
+        rows.append(("base memory", f"{human_bytes(result.base_bytes)} of parameters; "
+                             + {"fsdp": f"sharded (FSDP): {held} per rank",
+                                "ddp": f"a whole copy on each of the {result.world_size} processes (data-parallel)",
+                                }.get(result.sharding, "one process")))
+    if result.checkpoint is not None:
+        rows.append(("checkpoint", f"{result.checkpoint}"))
     if result.best_val_loss is not None:
         rows.append(("validation loss", f"{result.initial_val_loss:.4f} before, best {result.best_val_loss:.4f} at "
                                         f"step {result.best_step} (saved)"

@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterkitError, ManifestError
+from adapterkit.core.errors import AdapterkitError, ManifestError, UsageError
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 64
@@ -43,21 +45,50 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) while a step that must not be cut in half runs, then deliver it.
+
+    Creating a temporary sibling and recording it for clean-up, or renaming a finished output into
+    place (with the old one moved aside and removed), are such steps: cut between their halves, they
+    would leave a stray temporary folder, or a stray old one. A SIGINT that arrives inside the block is
+    raised, as the restored handler would, the moment the block ends: the command still stops, and
+    its output is either absent or complete. Signal handlers live in the main thread only; elsewhere
+    (and where the SIGINT handler was not set from Python) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        with interrupts_deferred():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
+        with interrupts_deferred():
+            os.replace(tmp, path)
+            tmp = None
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
 
@@ -78,8 +109,10 @@ def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = False) -> I
                 code="output_exists",
             )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp: Path | None = None
     try:
+        with interrupts_deferred():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file() and not child.is_symlink():
@@ -89,17 +122,61 @@ def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = False) -> I
                 _fsync_dir(child)
         _fsync_dir(tmp)  # the folder's own entries, before it is renamed into place
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with interrupts_deferred():  # the commit: once begun, it ends with dest complete
+            _replace_into_place(tmp, dest, dest.exists())
+            tmp = None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_into_place(made: Path, dest: Path, displace: bool) -> None:
+    """Rename ``made`` to ``dest``; with ``displace``, an existing ``dest`` is moved aside first and removed after."""
+    old = None
+    if displace:
+        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(made, dest)
+    _fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest`` in which the caller writes the one file ``dest.name``;
+    on success that file replaces ``dest`` (a file, or with ``overwrite`` an old folder of that name).
+
+    On any exception the temporary folder is removed and ``dest`` is untouched. Writing any other
+    file, or none, is an error: a single-file output is exactly one file.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite and not (dest.is_dir() and not any(dest.iterdir())):
+        raise AdapterkitError("output already exists", file=str(dest),
+                              hint="choose another output path or pass --overwrite", code="output_exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        with interrupts_deferred():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        yield tmp
+        written = sorted(p.name for p in tmp.iterdir())
+        if written != [dest.name]:
+            raise AdapterkitError("the writer did not write exactly the one output file", file=str(dest),
+                                  expected=[dest.name], found=written, code="output_files",
+                                  hint="write to a folder instead (a path without the format's file extension)")
+        made = tmp / dest.name
+        if made.is_symlink() or not made.is_file():
+            raise AdapterkitError("the writer's output is not a regular file", file=str(dest), code="output_files")
+        with open(made, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(made, 0o666 & ~_umask())
+        with interrupts_deferred():  # the commit: once begun, it ends with dest complete
+            _replace_into_place(made, dest, dest.is_dir())
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -196,3 +273,19 @@ def safe_child(folder: Path, name: str, file: str, location: str) -> Path:
             hint="replace the symlink with the file itself", code="path_escape",
         ) from None
     return child
+
+
+def parse_pairs(pairs: Iterable[str], option: str = "--config", example: str = "dropout=0.05") -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--config``, ``-O``); VALUE is JSON when it parses as JSON, else a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{option} must be KEY=VALUE", found=pair, hint=f"e.g. {option} {example}",
+                             code="bad_option")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out

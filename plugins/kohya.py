@@ -31,15 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit.core import safetensors_io
-from adapterkit.core.adapter import Adapter, canonical_key
-from adapterkit.core.base_model import BaseModelInfo, read_base_model, targets_fingerprint
+from adapterkit import check_tensor_dims, require_consistent
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.adapter import Adapter, canonical_key
+from adapterkit.core.format.base_model import BaseModelInfo, read_base_model, targets_fingerprint
 from adapterkit.core.errors import FormatError, LossyConversionError, TensorFileError, UsageError
-from adapterkit.core.formats import Format
-from adapterkit.core.hookspecs import hookimpl
+from adapterkit.core.plugin.formats import Format
+from adapterkit.core.plugin.hookspecs import hookimpl
 from adapterkit.core.io import atomic_write_bytes
-from adapterkit.core.manifest import Manifest
-from adapterkit.plugins.lora_uniform import options as format_options
+from adapterkit.core.format.manifest import Manifest
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
 # Canonical root of each prefix when one file holds several models (diffusers component names).
@@ -68,6 +68,7 @@ class KohyaFormat(Format):
     name = "kohya"
     read_options = ("base", "root")
     write_options = ("prefix", "root", "filename", "base", "round_alpha")
+    file_suffix = ".safetensors"
     description = "kohya-ss / sd-scripts LoRA (.safetensors with lora_te_* / lora_unet_* modules and alpha tensors)"
 
     def detect(self, path: Path) -> bool:
@@ -82,12 +83,13 @@ class KohyaFormat(Format):
 
     def read(self, path: Path, **options: Any) -> Adapter:
         """Options: ``base`` (resolves module names exactly), ``root`` (module-path prefix of the kohya root)."""
-        opts = format_options(options, ("base", "root"), "kohya")
-        return read_kohya(Path(path), base=opts.get("base"), root=opts.get("root"))
+        opts = self.options_for(options, "read")
+        adapter = read_kohya(Path(path), base=opts.get("base"), root=opts.get("root"))
+        return require_consistent(adapter, options.get("registry"), str(path), reader=self.name)
 
     def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
         """Options: ``prefix`` (default lora_te), ``root``, ``filename``, ``base``, ``round_alpha``."""
-        opts = format_options(options, ("prefix", "root", "filename", "base", "round_alpha"), "kohya")
+        opts = self.options_for(options, "write")
         write_kohya(adapter, Path(path), **opts)
 
     def checks(self, path: Path) -> list[str]:
@@ -136,6 +138,7 @@ def read_kohya(path: Path, base: Any = None, root: str | Mapping[str, str] | Non
         raise FormatError("no single .safetensors file here", file=str(path), hint="point at the kohya .safetensors file",
                           code="missing_file")
     raw, metadata = safetensors_io.load(file)
+    check_tensor_dims(raw, str(file))
     modules = _group(raw, str(file))
     info = None if base is None else base if isinstance(base, BaseModelInfo) else read_base_model(base)
     warnings: list[str] = []

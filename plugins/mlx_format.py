@@ -17,7 +17,7 @@ What mlx-lm 0.32 does (``mlx_lm/tuner/lora.py``, ``tuner/utils.py``, ``models/ll
   Hugging Face module paths (``model.layers.N.self_attn.q_proj``), which this plugin uses as is.
 - ``fine_tune_type`` ``dora`` adds ``m`` ``[out]`` (DoRA); ``full`` is a full fine-tune.
 
-Writing pads ranks and folds per-module scales into B (:mod:`lora_uniform`); ``num_layers``
+Writing pads ranks and folds per-module scales into B (:mod:`adapterkit.plugins.lora.uniform`); ``num_layers``
 covers exactly the blocks from the first adapted one and ``keys`` lists the adapted modules.
 """
 
@@ -29,14 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit.core import safetensors_io
-from adapterkit.core.adapter import Adapter
+from adapterkit import check_tensor_dims, require_consistent
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.adapter import Adapter
 from adapterkit.core.errors import FormatError, LossyConversionError
-from adapterkit.core.formats import Format
-from adapterkit.core.hookspecs import hookimpl
+from adapterkit.core.plugin.formats import Format
+from adapterkit.core.plugin.hookspecs import hookimpl
 from adapterkit.core.io import atomic_write_bytes, canonical_json, read_json
 
-from . import lora_uniform as U
+from adapterkit.plugins import lora as U
 
 WEIGHTS_NAME = "adapters.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -60,11 +61,12 @@ class MlxFormat(Format):
 
     def read(self, path: Path, **options: Any) -> Adapter:
         """Options: ``base`` (local HF folder): checks module shapes and ``num_layers``."""
-        return read_mlx(Path(path), **U.options(options, ("base",), "mlx"))
+        adapter = read_mlx(Path(path), **self.options_for(options, "read"))
+        return require_consistent(adapter, options.get("registry"), str(path), reader=self.name)
 
     def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
         """Options: ``base`` (local HF folder): needed when the first adapted block is not block 0."""
-        write_mlx(adapter, Path(path), **U.options(options, ("base",), "mlx"))
+        write_mlx(adapter, Path(path), **self.options_for(options, "write"))
 
     def checks(self, path: Path) -> list[str]:
         return ["that mlx-lm names this model's modules as Hugging Face does (true for Llama-family models); "
@@ -96,6 +98,7 @@ def read_mlx(path: Path, base: Any = None) -> Adapter:
                           code="bad_config")
     file = str(weights)
     tensors, _ = safetensors_io.load(weights)
+    check_tensor_dims(tensors, file)
     modules = _modules(tensors, rank, scale, file)
     for name in modules:
         _check_key(name, keys, cfg_file)

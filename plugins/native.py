@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapterkit.core.adapter import Adapter
-from adapterkit.core.formats import Format
-from adapterkit.core.hookspecs import hookimpl
-from adapterkit.core.manifest import MANIFEST_NAME
+from adapterkit.core.format.adapter import Adapter
+from adapterkit.core.plugin.formats import Format
+from adapterkit.core.plugin.hookspecs import hookimpl
+from adapterkit.core.format.manifest import MANIFEST_NAME
 
 
 class NativeFormat(Format):
@@ -21,14 +21,14 @@ class NativeFormat(Format):
         return path.is_dir() and (path / MANIFEST_NAME).is_file()
 
     def read(self, path: Path, **options: Any) -> Adapter:
-        from adapterkit.core.native import read_native
-        from adapterkit.core.plugins import default_registry
+        from adapterkit.core.store.native import read_native
+        from adapterkit.core.plugin.registry import default_registry
 
         return read_native(path, options.get("registry") or default_registry())
 
     def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
-        from adapterkit.core.native import write_native
-        from adapterkit.core.plugins import default_registry
+        from adapterkit.core.store.native import write_native
+        from adapterkit.core.plugin.registry import default_registry
 
         write_native(adapter, path, options.get("registry") or default_registry())
 

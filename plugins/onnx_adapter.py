@@ -16,29 +16,31 @@ float rounding of B. Nor does it record the module kind: GPT-2 style Conv1D
 modules are recognised only with the ``base`` option (the base weight is stored
 ``[in, out]``); without it every module reads as ``nn.Linear``.
 
-Writing goes through the method's ``export_factors`` hook, so any method with a
+Writing takes the method's low-rank factors (``adapterkit.LowRank``), so any method with
 low-rank additive update can be written; the others (DoRA's magnitude, bottleneck
 adapters...) are refused with what would be lost.
 
 Options: reading: ``base`` (local HF folder: module kinds and shapes). Writing:
 ``adapter_version`` and ``model_version`` (ints written into the file, default 1),
 ``dtype`` (``float32``, the default and what the swappable export takes, or
-``float16``); ``base`` is accepted and unused.
+``float16``), ``filename`` (default ``adapter.onnx_adapter``; ``convert`` to a path ending in
+``.onnx_adapter`` writes that file itself); ``base`` is accepted and unused.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from adapterkit.core.adapter import Adapter
+from adapterkit import check_tensor_dims, require_consistent
+from adapterkit.core.format.adapter import Adapter
 from adapterkit.core.errors import BaseModelError, FormatError, LossyConversionError, UsageError
-from adapterkit.core.formats import Format
-from adapterkit.core.hookspecs import hookimpl
+from adapterkit.core.plugin.formats import Format
+from adapterkit.core.plugin.hookspecs import hookimpl
 
 FILE_NAME = "adapter.onnx_adapter"
 SUFFIX = ".onnx_adapter"
@@ -46,7 +48,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 #: model types whose adapted projections are transformers ``Conv1D`` (weight stored ``[in, out]``)
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 READ_OPTIONS = ("base",)
-WRITE_OPTIONS = ("adapter_version", "model_version", "dtype", "base")
+WRITE_OPTIONS = ("adapter_version", "model_version", "dtype", "base", "filename")
 
 
 class OnnxAdapterFormat(Format):
@@ -54,6 +56,7 @@ class OnnxAdapterFormat(Format):
     description = "ONNX Runtime .onnx_adapter file (Olive layout: A [in, r], B [r, out] with the scale folded in)"
     read_options = READ_OPTIONS
     write_options = WRITE_OPTIONS
+    file_suffix = SUFFIX
 
     def detect(self, path: Path) -> bool:
         path = Path(path)
@@ -62,11 +65,12 @@ class OnnxAdapterFormat(Format):
         return path.is_dir() and not (path / "adapter.json").exists() and any(path.glob(f"*{SUFFIX}"))
 
     def read(self, path: Path, **options: Any) -> Adapter:
-        return read_onnx_adapter(Path(path), **_options(options, READ_OPTIONS))
+        adapter = read_onnx_adapter(Path(path), **self.options_for(options, "read"))
+        return require_consistent(adapter, options.get("registry"), str(path), reader=self.name)
 
     def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
         registry = options.get("registry")
-        write_onnx_adapter(adapter, Path(path), registry=registry, **_options(options, WRITE_OPTIONS))
+        write_onnx_adapter(adapter, Path(path), registry=registry, **self.options_for(options, "write"))
 
     def checks(self, path: Path) -> list[str]:
         return [
@@ -76,28 +80,26 @@ class OnnxAdapterFormat(Format):
         ]
 
 
-def _options(options: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
-    extra = sorted(set(options) - set(known) - {"registry"})
-    if extra:
-        raise UsageError(f"unknown option {extra[0]!r} for format onnx-adapter", expected=list(known),
-                         found=extra, code="bad_option")
-    return {k: options[k] for k in known if options.get(k) is not None}
-
-
 # ---- writing ------------------------------------------------------------------------
 
 def write_onnx_adapter(adapter: Adapter, folder: Path, *, registry: Any = None, base: Any = None,
-                       adapter_version: int = 1, model_version: int = 1, dtype: str = "float32") -> Path:
-    """Write ``folder/adapter.onnx_adapter``; returns its path."""
-    from adapterkit.core.onnx_lora import adapter_factors, factor_parameters, write_adapter_file
+                       adapter_version: int = 1, model_version: int = 1, dtype: str = "float32",
+                       filename: str = FILE_NAME) -> Path:
+    """Write ``folder/filename`` (default ``adapter.onnx_adapter``); returns its path."""
+    from adapterkit import onnx_adapter_parameters
+    from adapterkit.core.format.onnx_adapter_file import write_adapter_file
 
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {list(DTYPES)}", location="dtype", found=dtype, code="bad_option")
+    if not (isinstance(filename, str) and filename.endswith(SUFFIX) and len(filename) > len(SUFFIX)
+            and Path(filename).name == filename and not filename.startswith(".")):
+        raise UsageError(f"filename must be a plain *{SUFFIX} file name", location="filename", found=filename,
+                         code="bad_option")
     for key, value in (("adapter_version", adapter_version), ("model_version", model_version)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
             raise UsageError(f"{key} must be an integer >= 0", location=key, found=value, code="bad_option")
     try:
-        factors = adapter_factors(adapter, registry)
+        params = onnx_adapter_parameters(adapter, registry)
     except UsageError as exc:
         if exc.code != "not_swappable":
             raise
@@ -106,7 +108,6 @@ def write_onnx_adapter(adapter: Adapter, folder: Path, *, registry: Any = None, 
             "so its update would be lost", location=exc.location, found=adapter.method,
             hint="keep the adapterkit format, or export a merged ONNX model (adapterkit export onnx --mode merged)",
             code="unsupported_method") from None
-    params = factor_parameters(factors)
     if dtype != "float32":
         cast = {k: v.astype(DTYPES[dtype]) for k, v in params.items()}
         if not all(np.isfinite(v.astype(np.float32)).all() for v in cast.values()):
@@ -114,7 +115,7 @@ def write_onnx_adapter(adapter: Adapter, folder: Path, *, registry: Any = None, 
                                        found=dtype, hint="write float32", code="fold_overflow")
         params = cast
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / FILE_NAME
+    path = folder / filename
     write_adapter_file(params, path, adapter_version=adapter_version, model_version=model_version)
     return path
 
@@ -138,9 +139,9 @@ def locate(path: Path) -> Path:
 
 def read_onnx_adapter(path: Path, *, base: Any = None) -> Adapter:
     """Read an ``.onnx_adapter`` file (or a folder with one) as a LoRA adapter with alpha = r."""
-    from adapterkit.core.base_model import read_base_model, targets_fingerprint
-    from adapterkit.core.manifest import Manifest
-    from adapterkit.core.onnx_lora import read_adapter_file, split_name
+    from adapterkit.core.format.base_model import read_base_model, targets_fingerprint
+    from adapterkit.core.format.manifest import Manifest
+    from adapterkit.core.format.onnx_adapter_file import read_adapter_file, split_name
 
     file = locate(path)
     content = read_adapter_file(file)
@@ -159,6 +160,7 @@ def read_onnx_adapter(path: Path, *, base: Any = None) -> Adapter:
         if value.ndim != 2:
             raise FormatError("LoRA factor is not a matrix", file=where, location=name, found=list(value.shape),
                               code="tensor_shape")
+        check_tensor_dims({name: value}, where)
         pairs.setdefault(parsed[0], {})[parsed[1]] = value
     if not pairs:
         raise FormatError("the file holds no parameters", file=where, code="empty_adapter")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,7 +8,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels (tests/test_lora_triton.py) run under Triton's interpreter. It must be on
+# before triton is first imported: triton.language's own @jit helpers (tl.sum, tl.zeros) are fixed then.
+if "TRITON_INTERPRET" not in os.environ and _no_gpu():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from models import save_tiny  # noqa: E402
+
+
+def pytest_report_header(config) -> str:
+    """The fuzz profile in every log, so two CI runs can be compared (docs/reliability.md)."""
+    from fuzz_helpers import fuzz_banner
+
+    return fuzz_banner()
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +40,6 @@ def tiny_base_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M prepared once per session into the pytest temp folder (shared by every real-model test)."""
-    from adapterkit.core import real_models
+    from adapterkit.core.demo import real_models
 
     return real_models.smollm2_path(tmp_path_factory.getbasetemp() / "adapterkit-cache")

@@ -42,7 +42,7 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from adapterkit.core import safetensors_io
+from adapterkit.core.format import safetensors_io
 from adapterkit.core.errors import AdapterkitError
 from adapterkit.core.io import atomic_write_bytes, canonical_json
 
@@ -157,7 +157,7 @@ def _lora_adapter(targets: dict[str, dict[str, Any]] | None = None, dtype: str =
 
 def registry() -> Any:
     """The installed plugins (every reader under test is a built-in entry point)."""
-    from adapterkit.core.plugins import default_registry
+    from adapterkit.core.plugin.registry import default_registry
 
     reg = default_registry()
     assert "onnx-adapter" in reg.formats, "the onnx-adapter entry point is missing: reinstall adapterkit"
@@ -218,7 +218,7 @@ def build_samples(root: Path) -> tuple[dict[str, Sample], Path]:
 def _torch_save(tensors: dict[str, np.ndarray], path: Path) -> None:
     import torch
 
-    from adapterkit.core.torch_bridge import to_torch
+    from adapterkit.core.format.torch_bridge import to_torch
 
     torch.save({k: to_torch(v) for k, v in tensors.items()}, str(path))
 
@@ -919,16 +919,31 @@ def write_report(section: str, data: Any, path: str | None = None) -> Path | Non
 
 # Hypothesis profiles of the reliability tests (selected by ADAPTERKIT_FUZZ; each test sets max_examples from
 # total_examples() split over its strategies). deadline=None: time is measured per case instead (run_case).
-settings.register_profile("adapterkit-fuzz-ci", deadline=None, database=None, print_blob=True,
+# CI is derandomized: every run of a commit draws the same inputs, so its result never changes between runs;
+# the random search is the nightly profile (`make fuzz`), and each of its finds becomes a fixed test here.
+settings.register_profile("adapterkit-fuzz-ci", deadline=None, database=None, print_blob=True, derandomize=True,
                           suppress_health_check=list(HealthCheck), max_examples=2_000)
 settings.register_profile("adapterkit-fuzz-nightly", deadline=None, database=None, print_blob=True,
                           suppress_health_check=list(HealthCheck), max_examples=50_000)
 
 
+def fuzz_profile_name() -> str:
+    """The hypothesis profile of this run: random inputs nightly, derandomized (fixed) otherwise."""
+    return "adapterkit-fuzz-nightly" if fuzz_profile() == "nightly" else "adapterkit-fuzz-ci"
+
+
 def fuzz_settings(max_examples: int) -> settings:
     """The profile of this run (``ADAPTERKIT_FUZZ``) with ``max_examples`` for one test."""
-    name = "adapterkit-fuzz-nightly" if fuzz_profile() == "nightly" else "adapterkit-fuzz-ci"
-    return settings(settings.get_profile(name), max_examples=max_examples)
+    return settings(settings.get_profile(fuzz_profile_name()), max_examples=max_examples)
+
+
+def fuzz_banner() -> str:
+    """One line for the test log: which profile ran and whether its inputs are fixed."""
+    profile = fuzz_profile()
+    fixed = settings.get_profile(fuzz_profile_name()).derandomize
+    how = ("derandomized: every run of this commit draws the same inputs" if fixed
+           else "random search: a find prints its @reproduce_failure blob (docs/reliability.md)")
+    return f"adapterkit fuzz profile: {profile} ({total_examples(profile)} cases per reader; {how})"
 
 
 def fuzz_profile() -> str:

@@ -19,12 +19,12 @@ import ml_dtypes
 import numpy as np
 
 import adapterkit
-from adapterkit.core.adapter import Adapter
-from adapterkit.core.base_model import targets_fingerprint
+from adapterkit.core.format.adapter import Adapter
+from adapterkit.core.format.base_model import targets_fingerprint
 from adapterkit.core.io import canonical_json
-from adapterkit.core.manifest import MANIFEST_NAME, Manifest
-from adapterkit.core.native import TENSOR_FILE
-from adapterkit.core.plugins import Registry, get_plugin_manager
+from adapterkit.core.format.manifest import MANIFEST_NAME, Manifest
+from adapterkit.core.store.native import TENSOR_FILE
+from adapterkit.core.plugin.registry import Registry, get_plugin_manager
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -157,13 +157,13 @@ def replace_tensor_file(folder: Path, data: bytes, name: str = TENSOR_FILE) -> N
 
 def replace_tensors(folder: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """Rewrite adapter.safetensors with ``tensors`` (checksums updated)."""
-    from adapterkit.core import safetensors_io
+    from adapterkit.core.format import safetensors_io
 
     replace_tensor_file(folder, safetensors_io.serialize(tensors, {"format": "pt"}))
 
 
 def load_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from adapterkit.core import safetensors_io
+    from adapterkit.core.format import safetensors_io
 
     return safetensors_io.load(Path(folder) / TENSOR_FILE)[0]
 

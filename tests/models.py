@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapterkit.core.method import Method
+from adapterkit.core.plugin.method import Method
 from adapterkit.testing import TINY_MODELS as BUILDERS
 from adapterkit.testing import sample_inputs, tiny_bert, tiny_gpt2, tiny_llama
 

@@ -22,11 +22,11 @@ import pytest
 import adapterkit
 import adapterkit.plugins.adapterhub as adapterhub_plugin
 import adapterkit.plugins.bottleneck as bottleneck_plugin
-from adapterkit.core import safetensors_io
-from adapterkit.core.adapter import Adapter
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.adapter import Adapter
 from adapterkit.core.errors import FormatError, LossyConversionError, TensorFileError, UnsafeFileError
-from adapterkit.core.manifest import Manifest
-from adapterkit.core.plugins import Registry, default_registry, get_plugin_manager
+from adapterkit.core.format.manifest import Manifest
+from adapterkit.core.plugin.registry import Registry, default_registry, get_plugin_manager
 from adapterkit.plugins.adapterhub.writer import _factor
 from helpers import REPO, make_lora_adapter
 
@@ -375,6 +375,6 @@ def test_we_read_what_adapterhub_saved(peer, case):
 def _raw(folder: Path) -> dict:
     if (folder / "adapter.safetensors").is_file():
         return safetensors_io.load(folder / "adapter.safetensors")[0]
-    from adapterkit.plugins.adapterhub.reader import load_bin
+    from adapterkit import read_torch_tensors
 
-    return load_bin(folder / "pytorch_adapter.bin")
+    return read_torch_tensors(folder / "pytorch_adapter.bin")

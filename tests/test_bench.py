@@ -1,4 +1,4 @@
-"""``adapterkit bench`` and :func:`adapterkit.core.bench.bench_adapter` on tiny models.
+"""``adapterkit bench`` and :func:`adapterkit.core.bench.measure.bench_adapter` on tiny models.
 
 No timing assertions: the numbers depend on the machine. The tests check that the
 report has every field, with the right shape and the right absences (a bottleneck
@@ -42,7 +42,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def reports(adapters, tiny_base_dirs) -> dict[str, object]:
-    from adapterkit.core.bench import bench_adapter
+    from adapterkit.core.bench.measure import bench_adapter
 
     return {name: bench_adapter(path, tiny_base_dirs["llama"], **SMALL) for name, path in adapters.items()}
 
@@ -84,7 +84,7 @@ def test_lora_report_has_every_field(reports, adapters):
 
 def test_lora_report_measures_the_pool_when_it_exists(reports):
     pool = reports["lora"].to_dict()["pool"]
-    if importlib.util.find_spec("adapterkit.core.pool") is None:
+    if importlib.util.find_spec("adapterkit.core.runtime.pool") is None:
         assert pool["available"] is False and "import" in pool["reason"]
         return
     assert pool["available"] is True and pool["reason"] is None
@@ -101,13 +101,13 @@ def test_bottleneck_report_shows_the_unmerged_overhead_and_why_it_cannot_merge(r
     for forward in data["forward"]:
         assert forward["merged"] is None and forward["merged_overhead_seconds"] is None
         assert _is_timing(forward["unmerged"]) and isinstance(forward["unmerged_overhead_fraction"], float)
-    assert data["pool"] == {"available": False,
-                            "reason": "the adapter pool serves LoRA adapters; this one is 'bottleneck'"}
+    assert data["pool"] == {"available": False, "reason": "the adapter pool serves adapters with low-rank factors; "
+                                                          "method 'bottleneck' gives none"}
     assert _is_timing(data["train_step"]["seconds"])
 
 
 def test_text_report_names_every_block(reports):
-    from adapterkit.core.bench_render import format_text
+    from adapterkit.core.bench.render import format_text
 
     lora, bottleneck = format_text(reports["lora"]), format_text(reports["bottleneck"])
     for text in (lora, bottleneck):
@@ -119,7 +119,7 @@ def test_text_report_names_every_block(reports):
 
 
 def test_plot_writes_a_png(reports, tmp_path):
-    from adapterkit.core.bench_render import plot
+    from adapterkit.core.bench.render import plot
 
     for name, report in reports.items():
         out = plot(report, tmp_path / f"{name}.png")
@@ -127,7 +127,7 @@ def test_plot_writes_a_png(reports, tmp_path):
 
 
 def test_in_memory_adapter_has_no_file_timings(tiny_base_dirs):
-    from adapterkit.core.bench import bench_adapter
+    from adapterkit.core.bench.measure import bench_adapter
 
     model = tiny_llama(0)
     handle = adapterkit.inject(model, "lora", r=2, target_modules=["q_proj"])
@@ -139,7 +139,7 @@ def test_in_memory_adapter_has_no_file_timings(tiny_base_dirs):
 
 
 def test_bad_settings_are_usage_errors(adapters, tiny_base_dirs):
-    from adapterkit.core.bench import bench_adapter
+    from adapterkit.core.bench.measure import bench_adapter
     from adapterkit.core.errors import UsageError
 
     for bad in ({"repeats": 0}, {"batch_sizes": ()}, {"batch_sizes": (1, 0)}, {"warmup": -1}, {"seq_len": True}):

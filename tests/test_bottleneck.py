@@ -14,8 +14,8 @@ import transformers  # noqa: F401
 import adapterkit  # noqa: E402
 import adapterkit.plugins.bottleneck as bottleneck_plugin  # noqa: E402
 from adapterkit.core.errors import BaseModelError, UsageError  # noqa: E402
-from adapterkit.core.plugins import Registry, default_registry, get_plugin_manager  # noqa: E402
-from adapterkit.core.session import attached  # noqa: E402
+from adapterkit.core.plugin.registry import Registry, default_registry, get_plugin_manager  # noqa: E402
+from adapterkit.core.runtime.inject import attached  # noqa: E402
 from adapterkit.plugins.bottleneck.config import bottleneck_size, minimal, validate_config  # noqa: E402
 from adapterkit.plugins.bottleneck.layer import BottleneckSite, sites  # noqa: E402
 from adapterkit.plugins.bottleneck.method import MERGE_REFUSAL, BottleneckMethod  # noqa: E402
@@ -215,7 +215,9 @@ def test_disable_unload_and_fresh_apply(kind):
 
 def test_merge_is_refused_with_the_reason():
     handle = inject(BUILDERS["llama"]())
-    assert handle.method.mergeable is False
+    from adapterkit.core.plugin.capabilities import can_merge
+
+    assert not can_merge(handle.method)
     assert "non-linearity" in handle.method.merge_refusal(handle.config) == MERGE_REFUSAL
     with pytest.raises(NotImplementedError, match="non-linearity"):
         handle.merge()

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import adapterkit
 from adapterkit.cli.main import COMMANDS, cli
-from adapterkit.core.manifest import MANIFEST_NAME
-from adapterkit.core.native import TENSOR_FILE
+from adapterkit.core.format.manifest import MANIFEST_NAME
+from adapterkit.core.store.native import TENSOR_FILE
 from helpers import REPO, VENV_BIN, edit_manifest, write_adapter
 
 LLAMA_BASE = {"model_type": "llama", "architecture": "LlamaForCausalLM"}
@@ -129,7 +129,7 @@ def test_validate_json_valid_and_invalid(folder, broken):
 def test_validate_json_with_a_wrong_base(tmp_path, tiny_base_dirs):
     folder = write_adapter(tmp_path, base_model=LLAMA_BASE)
     data = json.loads(invoke("validate", "--json", folder, "--base", tiny_base_dirs["gpt2"], exit_code=1).stdout)
-    assert {e["code"] for e in data["errors"]} == {"wrong_base"}
+    assert {e["code"] for e in data["errors"]} == {"wrong_base", "missing_module"}
     data = json.loads(invoke("validate", "--json", folder, "--base", tiny_base_dirs["llama"]).stdout)
     assert data["valid"] is True
 
@@ -238,14 +238,18 @@ def test_plugins_text_and_json():
     assert all(set(e) >= {"name", "distribution", "version", "hooks", "methods", "formats", "errors",
                           "method_capabilities"} for e in entries)
     caps = {m: c for e in entries for m, c in e["method_capabilities"].items()}
-    assert caps["lora"] == {"merge": True, "compose": ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
+    assert caps["lora"] == {"capabilities": ["LowRank", "DeltaWeight", "FromFactors", "RuntimeComposable",
+                                             "Quantizable"],
+                            "merge": True, "compose": ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
                                                        "magnitude_prune"],
                             "runtime_composition": ["weighted_sum", "average"], "adapter_pool": True}
-    assert caps["bottleneck"] == {"merge": False, "compose": [], "runtime_composition": ["stack", "average",
-                                                                                         "weighted_sum"],
-                                  "adapter_pool": False}
-    assert caps["prompt"] == {"merge": False, "compose": [], "runtime_composition": [], "adapter_pool": False}
-    assert "    bottleneck: no merge; no compose; runtime stack, average, weighted_sum" in text
+    assert caps["dora"] == {"capabilities": ["MergedWeight"], "merge": True, "compose": [], "runtime_composition": [],
+                            "adapter_pool": False}
+    assert caps["bottleneck"] == {"capabilities": ["RuntimeComposable"], "merge": False, "compose": [],
+                                  "runtime_composition": ["stack", "average", "weighted_sum"], "adapter_pool": False}
+    assert caps["prompt"] == {"capabilities": [], "merge": False, "compose": [], "runtime_composition": [],
+                              "adapter_pool": False}
+    assert "    bottleneck: RuntimeComposable: no merge; no compose; runtime stack, average, weighted_sum" in text
 
 
 # ---- real processes -----------------------------------------------------------
@@ -329,7 +333,7 @@ def test_convert_passes_base_only_to_the_formats_that_take_one(tmp_path):
     format, which takes none; a -O key that neither side takes still is."""
     from models import tiny_llama
 
-    from adapterkit.core.api import convert
+    from adapterkit.core.store.adapters import convert
 
     model = tiny_llama()
     source = adapterkit.save(adapterkit.inject(model, "lora", r=2, target_modules=["q_proj"]).to_adapter(),

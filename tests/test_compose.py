@@ -1,4 +1,4 @@
-"""adapterkit.core.compose: combining LoRA adapters, checked against PEFT's add_weighted_adapter."""
+"""adapterkit.core.ops.compose: combining LoRA adapters, checked against PEFT's add_weighted_adapter."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import warnings
 import numpy as np
 import pytest
 
-from adapterkit.core.adapter import Adapter
-from adapterkit.core.base_model import targets_fingerprint
-from adapterkit.core.compose import compose
+from adapterkit.core.format.adapter import Adapter
+from adapterkit.core.format.base_model import targets_fingerprint
+from adapterkit.core.ops.compose import compose
 from adapterkit.core.errors import UsageError
-from adapterkit.core.manifest import Manifest
-from adapterkit.core.plugins import default_registry
+from adapterkit.core.format.manifest import Manifest
+from adapterkit.core.plugin.registry import default_registry
 
 import torch
 import peft  # noqa: F401
@@ -272,7 +272,8 @@ def test_inputs_from_different_bases_or_methods_are_refused():
 
 
 def test_result_validates_and_records_its_sources(tmp_path):
-    from adapterkit.core.api import load, save, validate
+    from adapterkit.core.store.adapters import load, save
+    from adapterkit.core.check.validate import validate
 
     model = two_adapter_peft("llama")
     save(adapter_from_peft(model, "a"), tmp_path / "a")
@@ -309,7 +310,7 @@ def cli(monkeypatch):
 
 
 def test_cli_compose(cli, tmp_path):
-    from adapterkit.core.api import load, save
+    from adapterkit.core.store.adapters import load, save
 
     save(synthetic((16, 8), 2, 0), tmp_path / "a")
     save(synthetic((16, 8), 2, 1), tmp_path / "b")
@@ -325,17 +326,18 @@ def test_cli_compose(cli, tmp_path):
     assert usage.exit_code == 2
 
 
-# ---- a plugin method's own strategies (Method.compose_strategies + Method.compose) ----------------
+# ---- a plugin method's own strategies (the Composable capability: compose_strategies + compose) ------
 
 from typing import Any  # noqa: E402
 
+from adapterkit import Composable  # noqa: E402
 from adapterkit.core.errors import AdapterkitError  # noqa: E402
 from models import TorchlessMethod  # noqa: E402
-from adapterkit.core.hookspecs import hookimpl  # noqa: E402
-from adapterkit.core.plugins import Registry, get_plugin_manager  # noqa: E402
+from adapterkit.core.plugin.hookspecs import hookimpl  # noqa: E402
+from adapterkit.core.plugin.registry import Registry, get_plugin_manager  # noqa: E402
 
 
-class VectorScale(TorchlessMethod):
+class VectorScale(TorchlessMethod, Composable):
     """A throwaway method: one vector per linear module; its plugin offers "mean" (and a broken "bad")."""
 
     name = "test_vector"

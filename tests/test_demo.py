@@ -1,4 +1,4 @@
-"""The end-to-end demo (adapterkit.core.demo, ``adapterkit demo``) on the real SmolLM2-135M."""
+"""The end-to-end demo (adapterkit.core.demo.run, ``adapterkit demo``) on the real SmolLM2-135M."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from adapterkit.cli.main import cli
-from adapterkit.core import demo
+from adapterkit.core.demo import run as demo
 
 
 @pytest.fixture(scope="session")

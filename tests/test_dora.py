@@ -187,7 +187,7 @@ def test_streaming_merge_into_a_base_folder(tiny_base_dirs, tmp_path):
     """``merge_into_base`` uses DoraMethod.merged_weight: the merged folder gives the adapted logits."""
     from transformers import AutoModelForCausalLM
 
-    from adapterkit.core.merge import merge_into_base
+    from adapterkit.core.ops.merge import merge_into_base
 
     model, handle = ours("llama")
     expected = logits(model)

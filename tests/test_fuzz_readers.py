@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import adapterkit
 from adapterkit.core.errors import AdapterkitError
-from adapterkit.core.validate import ValidationReport, check_tensors
+from adapterkit.core.store.consistency import ValidationReport, check_tensors
 from fuzz_helpers import (
     ESCAPING_NAMES, STRUCTURED, Recorder, build_samples, byte_ops, examples_per_strategy, filesystem_ops, fuzz_profile,
     fuzz_settings, gguf_kv_ops, huge_claims, put, registry, run_case, total_examples, write_report,
@@ -230,7 +230,7 @@ def test_the_cli_turns_hostile_input_into_one_error_line(world: dict[str, Any], 
     from click.testing import CliRunner
 
     from adapterkit.cli.main import cli
-    from adapterkit.core.plugins import default_registry
+    from adapterkit.core.plugin.registry import default_registry
 
     installed = default_registry().formats  # the CLI sees the installed plugins only
     keys = sorted(k for k, sample in world["samples"].items() if sample.reader in installed)
@@ -295,3 +295,82 @@ def test_peft_bin_with_an_empty_dimension_is_refused(world, tmp_path):
     with pytest.raises(AdapterkitError) as info:
         world["registry"].format("peft").read(broken, registry=world["registry"])
     assert info.value.code == "shape" and info.value.location == key and "empty dimension" in str(info.value)
+
+
+def _set_gguf_ints(data: bytes, values: dict[str, int]) -> bytes:
+    from fuzz_helpers import gguf_int_fields
+
+    fields = {label: (offset, width) for offset, width, label in gguf_int_fields(data)}
+    for label, value in values.items():
+        offset, width = fields[label]
+        data = data[:offset] + value.to_bytes(width, "little") + data[offset + width:]
+    return data
+
+
+# Found by CI's fuzzer on d5de7f5 (issue 20: "@reproduce_failure('6.170.17', b'AEECQSxBAEEAQTFBAEEAAA==')",
+# mutation 'gguf:tensor4.dim1=0,tensor5.dim0=0'): a rank-0 lora_a / lora_b pair became a target with r 0.
+@pytest.mark.parametrize("dims", [{"tensor4.dim1": 0, "tensor5.dim0": 0}, {"tensor4.dim1": 0}, {"tensor5.dim1": 0}],
+                         ids=["rank-0-pair", "rank-0-lora_a", "empty-out"])
+def test_gguf_with_an_empty_dimension_is_refused_by_the_reader(world, dims):
+    sample = world["samples"]["gguf/lora"]
+    put(sample.path, _set_gguf_ints(sample.originals["adapter.gguf"], dims))
+    try:
+        for options in ({}, dict(sample.options)):
+            with pytest.raises(AdapterkitError) as info:
+                world["registry"].format("gguf").read(sample.path, registry=world["registry"], **options)
+            error = info.value
+            assert error.code == "shape" and error.location.startswith("blk.1.attn_q.weight.lora_"), str(error)
+            assert "empty dimension" in str(error) and "\n" not in str(error)
+    finally:
+        sample.restore()
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_every_reader_refuses_an_empty_tensor(world, reader, tmp_path):
+    """Each reader, given a valid sample whose first 2-d tensor is made empty, raises one clean error (issue 20 audit)."""
+    from fuzz_helpers import split_safetensors
+
+    from adapterkit.core.format.safetensors_io import serialize
+
+    for key in variants(world, reader):
+        sample = world["samples"][key]
+        kinds = {kind: rel for rel, kind in sample.files.items()}
+        if "gguf" in kinds:
+            data = _set_gguf_ints(sample.originals[kinds["gguf"]], {"tensor0.dim1": 0, "tensor1.dim0": 0})
+            put(sample.folder / kinds["gguf"], data)
+        elif "safetensors" in kinds:
+            header, body = split_safetensors(sample.originals[kinds["safetensors"]])
+            name = next(k for k in sorted(header) if k != "__metadata__" and len(header[k]["shape"]) == 2)
+            tensors = _parse(header, body)
+            tensors[name] = tensors[name][:0]
+            put(sample.folder / kinds["safetensors"], serialize(tensors, header.get("__metadata__")))
+        elif "torchzip" in kinds:
+            import torch
+
+            rel = kinds["torchzip"]
+            state = torch.load(sample.folder / rel, weights_only=True)
+            name = next(k for k in sorted(state) if state[k].dim() == 2)
+            state[name] = state[name][:0].clone()
+            torch.save(state, sample.folder / rel)
+        else:
+            continue  # the flatbuffer and manifest samples: covered by their huge-claim and fuzz cases
+        try:
+            outcome = run_case(lambda s=sample: read_and_check(world, s, dict(s.options)))
+        finally:
+            sample.restore()
+        assert isinstance(outcome.error, AdapterkitError), f"{key}: {outcome!r}"
+        assert "\n" not in str(outcome.error)
+
+
+def _parse(header: dict[str, Any], body: bytes) -> dict[str, Any]:
+    import numpy as np
+
+    from adapterkit.core.format.safetensors_io import DTYPES
+
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        out[key] = np.frombuffer(body[start:end], dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out

@@ -22,9 +22,9 @@ import peft
 import gguf
 
 import adapterkit  # noqa: E402
-from adapterkit.core import safetensors_io  # noqa: E402
+from adapterkit.core.format import safetensors_io  # noqa: E402
 from adapterkit.core.errors import FormatError, UsageError  # noqa: E402
-from adapterkit.plugins import gguf_format  # noqa: E402
+import adapterkit.plugins.gguf as gguf_format  # noqa: E402
 from adapterkit.plugins.lora import LoraMethod  # noqa: E402
 from helpers import registry_with  # noqa: E402
 from models import BUILDERS  # noqa: E402

@@ -1,7 +1,8 @@
-"""adapterkit.core.hf_trainer: a real ``transformers.Trainer`` trains an adapterkit adapter and checkpoints it."""
+"""adapterkit.core.train.hf_trainer: a real ``transformers.Trainer`` trains an adapterkit adapter and checkpoints it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import adapterkit
-from adapterkit.core.hf_trainer import SUBDIR, AdapterkitCallback, prepare
+from adapterkit.core.train.hf_trainer import SUBDIR, AdapterkitCallback, prepare
 from adapterkit.testing import sample_inputs, tiny_llama  # noqa: E402
 from train_helpers import one_torch_thread  # noqa: E402
 
@@ -112,3 +113,58 @@ def test_trainer_gradient_checkpointing_trains_every_adapter_tensor(tmp_path, re
     Trainer(model=model, args=args, train_dataset=rows(8, 0)).train()
     after = handle.state_dict()
     assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+# The Trainer under torchrun on the CPU: `use_cpu=True` is what makes it join the gloo group as DDP (without it,
+# each process trains alone and both write the same folders). Each rank dumps what it saw.
+TRAINER_DDP = """
+import hashlib, json, os, sys
+import torch
+from transformers import Trainer, TrainingArguments
+from adapterkit.core.train.hf_trainer import AdapterkitCallback, prepare
+from adapterkit.testing import tiny_llama
+
+torch.set_num_threads(1)
+out = sys.argv[1]
+generator = torch.Generator().manual_seed(0)
+rows = []
+for _ in range(32):
+    ids = torch.randint(0, 128, (12,), generator=generator)
+    rows.append({"input_ids": ids, "labels": ids.clone()})
+model, handle = prepare(tiny_llama(), "lora", r=4, alpha=8)
+args = TrainingArguments(output_dir=f"{out}/run", max_steps=4, save_strategy="steps", save_steps=2,
+                         per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, report_to=[],
+                         use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                         ddp_find_unused_parameters=False)
+callback = AdapterkitCallback(handle, f"{out}/final")
+trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
+trainer.train()
+state = handle.state_dict()
+digest = hashlib.sha256(b"".join(state[k].detach().numpy().tobytes() for k in sorted(state))).hexdigest()
+with open(f"{out}/rank-{os.environ['RANK']}.json", "w") as f:
+    json.dump({"world_size": args.world_size, "parallel_mode": str(args.parallel_mode),
+               "wrapped": type(trainer.model_wrapped).__name__, "steps": trainer.state.global_step,
+               "saved": [os.path.relpath(p, out) for p in callback.saved], "adapter": digest}, f)
+"""
+
+
+def test_the_callback_under_torchrun_ddp_writes_once_from_rank_0(tmp_path):
+    from train_helpers import run_checked, torchrun_command
+
+    script = tmp_path / "trainer_ddp.py"
+    script.write_text(TRAINER_DDP)
+    run_checked([*torchrun_command(2), str(script), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        assert seen["world_size"] == 2 and seen["parallel_mode"] == "ParallelMode.DISTRIBUTED"
+        assert seen["wrapped"] == "DistributedDataParallel" and seen["steps"] == 4
+    assert ranks[0]["adapter"] == ranks[1]["adapter"]  # DDP kept the replicas equal
+    assert ranks[0]["saved"] == [f"run/checkpoint-2/{SUBDIR}", f"run/checkpoint-4/{SUBDIR}", "final"]
+    assert ranks[1]["saved"] == []  # only the main process writes
+    for folder in ("run/checkpoint-2", "run/checkpoint-4"):
+        assert adapterkit.validate(tmp_path / folder / SUBDIR).valid
+    final = adapterkit.load(tmp_path / "final")
+    training = final.manifest.provenance["training"]
+    assert training["world_size"] == 2 and training["batch_size"] == 8 and training["steps"] == 4
+    digest = hashlib.sha256(b"".join(final.tensors[k].tobytes() for k in sorted(final.tensors))).hexdigest()
+    assert digest == ranks[0]["adapter"]  # the saved adapter is the one the ranks ended with

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import adapterkit
 from adapterkit.core.errors import IntegrityError
-from adapterkit.core.native import TENSOR_FILE
+from adapterkit.core.store.native import TENSOR_FILE
 from fuzz_helpers import Recorder, fuzz_profile, fuzz_settings, put, run_case, write_report
 from helpers import VENV_BIN, edit_manifest, write_adapter
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,71 @@ def test_atomic_write_bytes_failure_while_writing_leaves_no_temp(tmp_path, monke
         io.atomic_write_bytes(target, b"new")
     monkeypatch.undo()
     assert listing(tmp_path) == []
+
+
+# ---- Ctrl-C at the edges of an atomic write ---------------------------------------------
+
+def _write_with(writer: str, dest: Path, text: str) -> None:
+    if writer == "bytes":
+        io.atomic_write_bytes(dest, text.encode())
+    elif writer == "directory":
+        with io.atomic_directory(dest, overwrite=True) as tmp:
+            (tmp / "x").write_text(text)
+    else:
+        with io.atomic_file(dest, overwrite=True) as tmp:
+            (tmp / dest.name).write_text(text)
+
+
+def _read(writer: str, dest: Path) -> str:
+    return (dest / "x").read_text() if writer == "directory" else dest.read_text()
+
+
+def _sigint_after(monkeypatch, module, name):
+    """Make ``module.name`` send this process a SIGINT right after it has done its work."""
+    real = getattr(module, name)
+
+    def interrupted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+@pytest.mark.parametrize("writer", ["bytes", "directory", "file"])
+def test_ctrl_c_as_the_temporary_sibling_is_made_leaves_nothing(tmp_path, monkeypatch, writer):
+    _write_with(writer, tmp_path / "out", "old")
+    _sigint_after(monkeypatch, io.tempfile, "mkstemp" if writer == "bytes" else "mkdtemp")
+    with pytest.raises(KeyboardInterrupt):
+        _write_with(writer, tmp_path / "out", "new")
+    monkeypatch.undo()
+    assert listing(tmp_path) == ["out"]
+    assert _read(writer, tmp_path / "out") == "old"
+
+
+@pytest.mark.parametrize("writer", ["bytes", "directory", "file"])
+def test_ctrl_c_during_the_rename_into_place_ends_with_the_output_complete(tmp_path, monkeypatch, writer):
+    """The interruption still stops the write, but only after the commit: no half state, no stray folder."""
+    _write_with(writer, tmp_path / "out", "old")
+    _sigint_after(monkeypatch, io.os, "replace")
+    with pytest.raises(KeyboardInterrupt):
+        _write_with(writer, tmp_path / "out", "new")
+    monkeypatch.undo()
+    assert listing(tmp_path) == ["out"]
+    assert _read(writer, tmp_path / "out") == "new"
+
+
+def test_interrupts_deferred_restores_the_handler_and_raises_once(monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with io.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            ran.append("the rest of the block")
+    assert ran == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with io.interrupts_deferred():  # nothing caught: nothing raised
+        pass
 
 
 # ---- canonical_json, sha256 -----------------------------------------------------------

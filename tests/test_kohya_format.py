@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file  # what sd-scripts' save_weights uses (torch flavour): 0-dim alpha stays 0-dim
 
 import adapterkit
-from adapterkit.core import safetensors_io
+from adapterkit.core.format import safetensors_io
 from adapterkit.core.errors import FormatError, LossyConversionError
 from adapterkit.plugins import kohya
 from adapterkit.plugins.lora import LoraMethod

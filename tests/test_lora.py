@@ -11,7 +11,7 @@ import transformers  # noqa: F401
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import BaseModelError, TensorFileError, UsageError  # noqa: E402
-from adapterkit.core.session import attached  # noqa: E402
+from adapterkit.core.runtime.inject import attached  # noqa: E402
 from adapterkit.plugins.lora.layer import LoraLayer, lora_layers  # noqa: E402
 from models import BUILDERS, sample_inputs  # noqa: E402
 
@@ -186,10 +186,10 @@ def test_apply_checks_the_base():
     with pytest.raises(BaseModelError) as info:
         adapterkit.apply(adapter, fresh)
     error = info.value
-    assert error.location == "model.layers.1.mlp.up_proj" and error.expected == [99, 32] and error.found == [64, 32]
+    assert error.location == "model.layers.1.mlp.up_proj.weight" and error.expected == [99, 32] and error.found == [64, 32]
     assert not lora_layers(fresh)  # nothing was wrapped
     gpt2_adapter = adapterkit.inject(BUILDERS["gpt2"](), "lora", r=2, target_modules=["c_attn"]).to_adapter()
-    with pytest.raises(BaseModelError, match="transformer.h.0.attn.c_attn not found"):
+    with pytest.raises(BaseModelError, match="targets module transformer.h.0.attn.c_attn, which the model does not have"):
         adapterkit.apply(gpt2_adapter, BUILDERS["llama"]())
 
 

@@ -62,7 +62,9 @@ def test_defaults_resolve_and_match_the_schema():
     full = {"r": 4, "alpha": 16.5, "use_rslora": True, "dropout": 0.1, "target_modules": ["q_proj"],
             "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v.*": 4}, "layers_to_transform": [0], "init": "gaussian"}
     assert validator.is_valid(full)
-    assert METHOD.resolve_config(full) == full
+    assert METHOD.resolve_config(full) == {**full, "target_parameters": []}
+    with pytest.raises(UsageError, match="dropout cannot apply to LoRA on parameters"):
+        METHOD.resolve_config({**full, "target_parameters": ["mlp.experts.down_proj"]})
 
 
 def test_unknown_option_suggests_the_right_name():
@@ -132,13 +134,14 @@ def test_delta_weight_orientation_and_scale():
 def test_plugin_registers_without_importing_torch():
     code = (
         "import sys\n"
-        "from adapterkit.core.plugins import get_plugin_manager, Registry\n"
+        "from adapterkit.core.plugin.registry import get_plugin_manager, Registry\n"
         "registry = Registry(*get_plugin_manager(only={'lora'}))\n"
         "method = registry.method('lora')\n"
         "method.resolve_config({'r': 4})\n"
         "method.expected_tensors('q', {'kind': 'linear', 'shape': [4, 4], 'r': 2, 'alpha': 2}, {})\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
-        "print(method.name, method.mergeable)\n"
+        "from adapterkit.core.plugin.capabilities import names\n"
+        "print(method.name, ','.join(names(method)))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "lora True"
+    assert result.stdout.strip() == "lora LowRank,DeltaWeight,FromFactors,RuntimeComposable,Quantizable"

@@ -1,4 +1,4 @@
-"""core/manifest.py: the Manifest model, version policy, migrations, schema checks."""
+"""core/format/manifest.py: the Manifest model, version policy, migrations, schema checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import pytest
 
 import adapterkit
-from adapterkit.core import manifest as mf
+from adapterkit.core.format import manifest as mf
 from adapterkit.core.errors import ManifestError, VersionError
 from helpers import bits, edit_manifest, load_tensors, make_lora_adapter, read_manifest, write_adapter
 

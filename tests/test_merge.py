@@ -1,6 +1,8 @@
-"""adapterkit.core.merge: streaming merge into a base folder, checked against PEFT's merge_and_unload."""
+"""adapterkit.core.ops.merge: streaming merge into a base folder, checked against PEFT's merge_and_unload."""
 
 from __future__ import annotations
+
+import abc
 
 import json
 import re
@@ -12,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapterkit.core import safetensors_io
-from adapterkit.core.adapter import Adapter
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.adapter import Adapter
 from adapterkit.core.errors import AdapterkitError, BaseModelError, UsageError
-from adapterkit.core.manifest import Manifest
-from adapterkit.core.merge import merge_into_base
+from adapterkit.core.format.manifest import Manifest
+from adapterkit.core.ops.merge import merge_into_base
 
 import torch
 import peft
@@ -188,7 +190,7 @@ def test_dtype_bfloat16_rounds_the_float32_sum_once(sharded_llama, tmp_path):
 
 
 def _lora_method():
-    from adapterkit.core.plugins import default_registry
+    from adapterkit.core.plugin.registry import default_registry
 
     return default_registry().method("lora")
 
@@ -227,7 +229,7 @@ def test_head_missing_without_tying_is_refused(tiny_base_dirs, tmp_path):
     config["tie_word_embeddings"] = False
     (base / "config.json").write_text(json.dumps(config))
     adapter = _numpy_adapter({"lm_head": ("linear", [128, 32])}, model_type="gpt2")
-    with pytest.raises(BaseModelError, match="does not exist in the base"):
+    with pytest.raises(BaseModelError, match="which the base model does not have"):
         merge_into_base(adapter, base, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
@@ -255,11 +257,11 @@ def test_wrong_base_is_refused_before_writing(tiny_base_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _method_class(method_name: str, **attributes: Any):
-    """A throwaway Method whose tensors are ``<module>.<name>.A`` [2, in] and ``.B`` [out, 2]."""
+def _method_class(method_name: str, *capabilities: type, **attributes: Any):
+    """A throwaway Method (with ``capabilities``) whose tensors are ``<module>.<name>.A`` [2, in] and ``.B`` [out, 2]."""
     from models import TorchlessMethod
 
-    class Throwaway(TorchlessMethod):
+    class Throwaway(TorchlessMethod, *capabilities):
         name = method_name
         description = "test method"
 
@@ -272,14 +274,15 @@ def _method_class(method_name: str, **attributes: Any):
 
     for key, value in attributes.items():
         setattr(Throwaway, key, value)
+    abc.update_abstractmethods(Throwaway)
     return Throwaway
 
 
 @pytest.fixture
 def throwaway_registry():
     """Build a registry with extra throwaway methods; unregister them afterwards."""
-    from adapterkit.core.hookspecs import hookimpl
-    from adapterkit.core.plugins import Registry, get_plugin_manager
+    from adapterkit.core.plugin.hookspecs import hookimpl
+    from adapterkit.core.plugin.registry import Registry, get_plugin_manager
 
     managers = []
 
@@ -311,7 +314,8 @@ def test_non_mergeable_method_is_refused_with_the_reason(throwaway_registry, tin
 
 
 def test_a_method_with_a_non_additive_merge_uses_merged_weight(throwaway_registry, tiny_base_dirs, tmp_path):
-    """merged_weight(module, target, config, tensors, base_weight) replaces base + delta (DoRA's kind of merge)."""
+    """A MergedWeight method's merged_weight(module, target, config, tensors, weight) replaces base + delta (DoRA's
+    kind of merge)."""
     seen = []
 
     def merged_weight(self, module, target, config, tensors, base_weight):
@@ -319,7 +323,9 @@ def test_a_method_with_a_non_additive_merge_uses_merged_weight(throwaway_registr
         norms = np.linalg.norm(base_weight, axis=0, keepdims=True)
         return base_weight / norms  # a column renormalisation: not base + something independent of base
 
-    registry = throwaway_registry(_method_class("rescale", mergeable=True, merged_weight=merged_weight)())
+    from adapterkit import MergedWeight
+
+    registry = throwaway_registry(_method_class("rescale", MergedWeight, merged_weight=merged_weight)())
     module = "model.layers.0.self_attn.q_proj"
     adapter = _numpy_adapter({module: ("linear", [32, 32])}, method="rescale")
     base = tiny_base_dirs["llama"]
@@ -327,11 +333,11 @@ def test_a_method_with_a_non_additive_merge_uses_merged_weight(throwaway_registr
     before = safetensors_io.read_tensor(safetensors_io.read_header(base / "model.safetensors"), f"{module}.weight")
     after = safetensors_io.read_tensor(safetensors_io.read_header(out / "model.safetensors"), f"{module}.weight")
     np.testing.assert_allclose(after, before / np.linalg.norm(before, axis=0, keepdims=True), rtol=1e-6)
-    assert seen == [(module, [f"{module}.rescale.A", f"{module}.rescale.B"], np.dtype(np.float32))]
+    assert seen == [(module, ["A", "B"], np.dtype(np.float32))]  # the module's tensors by parameter name
 
 
 def test_failure_midway_leaves_no_output(sharded_llama, tmp_path, monkeypatch):
-    import adapterkit.core.merge as merge_mod
+    import adapterkit.core.ops.merge as merge_mod
 
     adapter = adapter_from_peft(peft_lora(sharded_llama, r=2, lora_alpha=2, target_modules=["q_proj"]))
     real = merge_mod.write_tensor
@@ -377,7 +383,7 @@ def cli(monkeypatch):
 
 
 def test_cli_merge(cli, tiny_base_dirs, tmp_path):
-    from adapterkit.core.api import save
+    from adapterkit.core.store.adapters import save
 
     base = tiny_base_dirs["llama"]
     model = peft_lora(base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])

@@ -19,12 +19,12 @@ from mlx_lm.utils import load_adapters, load_model  # noqa: E402
 from models import sample_inputs, tiny_llama  # noqa: E402
 
 import adapterkit  # noqa: E402
-from adapterkit.core import safetensors_io  # noqa: E402
-from adapterkit.core.adapter import Adapter  # noqa: E402
-from adapterkit.core.base_model import targets_fingerprint  # noqa: E402
+from adapterkit.core.format import safetensors_io  # noqa: E402
+from adapterkit.core.format.adapter import Adapter  # noqa: E402
+from adapterkit.core.format.base_model import targets_fingerprint  # noqa: E402
 from adapterkit.core.errors import FormatError, LossyConversionError  # noqa: E402
-from adapterkit.core.manifest import Manifest  # noqa: E402
-from adapterkit.core.plugins import Registry, get_plugin_manager  # noqa: E402
+from adapterkit.core.format.manifest import Manifest  # noqa: E402
+from adapterkit.core.plugin.registry import Registry, get_plugin_manager  # noqa: E402
 from adapterkit.plugins import mlx_format  # noqa: E402
 from adapterkit.plugins.lora.method import LoraMethod  # noqa: E402
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import adapterkit
-from adapterkit.core import safetensors_io
-from adapterkit.core.manifest import MANIFEST_NAME
-from adapterkit.core.native import TENSOR_FILE
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.manifest import MANIFEST_NAME
+from adapterkit.core.store.native import TENSOR_FILE
 from helpers import bits, llama_targets, make_lora_adapter, read_manifest, write_adapter
 
 FILES = (MANIFEST_NAME, TENSOR_FILE)

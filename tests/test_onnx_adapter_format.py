@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 import adapterkit
 from adapterkit.core.errors import BaseModelError, FormatError, LossyConversionError, UsageError
-from adapterkit.core.plugins import Registry, default_registry
+from adapterkit.core.plugin.registry import Registry, default_registry
 from adapterkit.plugins import onnx_adapter as plugin
 
 from helpers import gpt2_targets, llama_targets
@@ -37,7 +37,7 @@ def registry() -> Registry:
 def lora_adapter(targets: dict[str, dict[str, Any]], seed: int = 0, dtype: str = "float32",
                  **config: Any) -> adapterkit.Adapter:
     """A LoRA adapter built from numpy alone (no torch): random A and B for each target."""
-    from adapterkit.core.base_model import targets_fingerprint
+    from adapterkit.core.format.base_model import targets_fingerprint
 
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -253,7 +253,7 @@ def test_a_converted_file_drives_a_swappable_export(registry, tiny_base_dirs, tm
     session of a swappable export made from another adapter -> the torch logits."""
     import torch
 
-    from adapterkit.core.onnx_export import export_onnx
+    from adapterkit.core.export.onnx import export_onnx
     from adapterkit.testing import perturb, sample_inputs, tiny_llama
 
     def trained(seed: int, **config: Any) -> adapterkit.Adapter:

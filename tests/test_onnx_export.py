@@ -7,6 +7,7 @@ the torch model with the adapter applied by ``adapterkit.apply`` (not merged).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,11 +22,12 @@ import torch
 
 import adapterkit
 from adapterkit.core.errors import AdapterkitError, UsageError
-from adapterkit.core.hookspecs import hookimpl
-from adapterkit.core.method import Method
-from adapterkit.core.onnx_export import check_export, export_onnx
-from adapterkit.core.onnx_files import DATA_NAME, MANIFEST_NAME, MODEL_NAME, finalize_model
-from adapterkit.core.plugins import Registry, get_plugin_manager
+from adapterkit.core.plugin.hookspecs import hookimpl
+from adapterkit.core.plugin.capabilities import TraceExport
+from adapterkit.core.plugin.method import Method
+from adapterkit.core.export.onnx import check_export, export_onnx
+from adapterkit.core.export.files import DATA_NAME, MANIFEST_NAME, MODEL_NAME, finalize_model
+from adapterkit.core.plugin.registry import Registry, get_plugin_manager
 from adapterkit.testing import TINY_MODELS, perturb
 
 ATOL = 1e-4
@@ -176,7 +178,7 @@ def test_factor_inputs_have_symbolic_ranks_and_rank_zero_defaults(tiny_base_dirs
 
 def test_factors_fed_as_inputs_override_the_defaults(tiny_base_dirs, loras, tmp_path):
     """Without LoraAdapter: plain feeds of the factor inputs (any rank) work the same."""
-    from adapterkit.core.onnx_lora import adapter_factors, factor_parameters
+    from adapterkit.core.export.swappable import adapter_factors, factor_parameters
 
     first = loras["gpt2"][0]
     out = export_onnx(first, tiny_base_dirs["gpt2"], tmp_path / "out", mode="swappable", verify=False)
@@ -190,7 +192,8 @@ def test_swappable_serves_an_adapter_converted_later(tiny_base_dirs, loras, tmp_
     """One model serves any adapter of the shape family: a rank-6 adapter made after the export."""
     out = export_onnx(loras["llama"][0], tiny_base_dirs["llama"], tmp_path / "out", mode="swappable", verify=False)
     later = make_lora("llama", tmp_path / "later", seed=5, r=6, alpha=12, target_modules=["k_proj", "down_proj"])
-    from adapterkit.core.onnx_lora import adapter_factors, factor_parameters, write_adapter_file
+    from adapterkit.core.export.swappable import adapter_factors, factor_parameters
+    from adapterkit.core.format.onnx_adapter_file import write_adapter_file
 
     file = tmp_path / "later.onnx_adapter"
     write_adapter_file(factor_parameters(adapter_factors(adapterkit.load(later))), file)
@@ -222,11 +225,11 @@ def test_dora_and_its_merged_export(tiny_base_dirs, tmp_path):
 
 # ---- third-party methods: the hooks ---------------------------------------------------------
 
-class OutScale(Method):
-    """A throwaway non-mergeable method: a linear module's output times (1 + v), v of shape [out]."""
+class OutScale(Method, TraceExport):
+    """A throwaway non-mergeable method: a linear module's output times (1 + v), v of shape [out]; it readies
+    its own modules for tracing (TraceExport) and leaves them as injected."""
 
     name = "test_outscale"
-    mergeable = False
     calls: list[str] = []
 
     def config_schema(self) -> dict[str, Any]:
@@ -259,9 +262,10 @@ class OutScale(Method):
     def trainable_parameters(self, model, adapter_name="default"):
         return list(self._params(model).values())
 
+    @contextlib.contextmanager
     def prepare_export(self, model, mode="merged", adapter_name="default"):
         OutScale.calls.append(mode)
-        return super().prepare_export(model, mode, adapter_name)
+        yield model
 
 
 class _Plugin:
@@ -292,7 +296,7 @@ def test_a_third_party_non_mergeable_method_is_traced_as_injected(tiny_base_dirs
         expected = reference(**inputs).logits.numpy()
     assert max_diff("llama", run(session(out), inputs), expected, inputs) <= ATOL
     assert max_diff("llama", run(session(out), inputs), torch_logits("llama", None, inputs), inputs) > 1e-3
-    with pytest.raises(UsageError) as info:  # no export_factors: not swappable
+    with pytest.raises(UsageError) as info:  # not LowRank: not swappable
         export_onnx(adapter, tiny_base_dirs["llama"], tmp_path / "out2", mode="swappable", registry=outscale_registry)
     assert info.value.code == "not_swappable"
 
@@ -361,7 +365,7 @@ def test_verification_records_the_float64_reference(tiny_base_dirs, loras, tmp_p
 
 
 def test_no_float64_reference_when_it_would_not_fit_in_memory(tiny_base_dirs, loras, tmp_path, monkeypatch):
-    from adapterkit.core import onnx_trace
+    from adapterkit.core.export import trace as onnx_trace
 
     assert onnx_trace.available_memory() > 2**20
     monkeypatch.setattr(onnx_trace, "available_memory", lambda: 1000)
@@ -376,7 +380,7 @@ def test_the_float64_reference_rescues_an_export_closer_to_the_exact_answer():
     SmolLM2 with random prefixes, torch float32 1.4e-3 from float64, ONNX Runtime 2.1e-4). The export passes
     within the bound of torch float32, or within that bound plus twice torch's own float32 distance of
     float64; far from both, it fails and both distances are named."""
-    from adapterkit.core.onnx_export import _compare, _Job
+    from adapterkit.core.export.onnx import _compare, _Job
 
     job = _Job({}, Path("."), None, 18, "auto", 2, 8, True, (1e-4, 1e-5), lambda _: None)
     exact = np.array([[35.0, -3.0]])  # bound: 1e-4 + 1e-5 * 35 = 4.5e-4; against float64 4.5e-4 + 2 * 1.4e-3
@@ -423,7 +427,7 @@ def test_check_export_finds_tampering(tiny_base_dirs, loras, tmp_path):
     assert good.ok, good.errors
     assert {"ONNX Runtime opens the model and loads every adapter file"} <= set(good.checks)
     # an adapter file for another model (wrong in/out) is reported by name
-    from adapterkit.core.onnx_lora import write_adapter_file
+    from adapterkit.core.format.onnx_adapter_file import write_adapter_file
 
     name = "model.layers.0.self_attn.q_proj"
     write_adapter_file({f"{name}.lora_A.weight": np.zeros((16, 2), np.float32),
@@ -513,7 +517,7 @@ def test_cli_export_merged_prints_a_summary(cli, tiny_base_dirs, loras, tmp_path
 def test_export_module_imports_no_torch():
     import subprocess
 
-    code = ("import sys, adapterkit.core.onnx_export, adapterkit.cli.export, adapterkit.plugins.onnx_adapter; "
+    code = ("import sys, adapterkit.core.export.onnx, adapterkit.cli.export, adapterkit.plugins.onnx_adapter; "
             "print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
@@ -527,7 +531,7 @@ def test_smollm2_merged_and_swappable(smollm2_dir, tmp_path):
     session. On logits of magnitude ~35, float32 rounding alone reaches 1e-4 (torch float32 vs float64:
     0.6-1.9e-4), so the bound is 1e-4 + 1e-5 * max|logit| (about 4.5e-4); the measured differences are
     printed (pytest -s) and recorded in export.json."""
-    from adapterkit.core.onnx_trace import load_base
+    from adapterkit.core.runtime.models import load_base
 
     base = smollm2_dir
     model = load_base(base)
@@ -571,7 +575,7 @@ def test_smollm2_every_method_merged(method, config, smollm2_dir, tmp_path):
     The distances are printed (pytest -s)."""
     from transformers import AutoTokenizer
 
-    from adapterkit.core.onnx_trace import load_base
+    from adapterkit.core.runtime.models import load_base
 
     model = load_base(smollm2_dir)
     torch.manual_seed(0)  # the methods' own initialisation too, so that every run exports the same adapter
@@ -636,7 +640,7 @@ def _train_briefly(model: Any, handle: Any, base_dir: Path, steps: int = 20) -> 
 
 
 def _base_logits(base_dir: Path, enc: Any) -> np.ndarray:
-    from adapterkit.core.onnx_trace import load_base
+    from adapterkit.core.runtime.models import load_base
 
     with torch.no_grad():
         return load_base(base_dir)(**enc).logits.double().numpy()

@@ -28,8 +28,8 @@ from adapterkit.core.errors import (  # noqa: E402
     FormatError, LossyConversionError, TensorFileError, UnsafeFileError,
 )
 from adapterkit.plugins.peft import PeftFormat  # noqa: E402
-from adapterkit.plugins.peft.detect import pattern_key, selects  # noqa: E402
-from adapterkit.plugins.peft.writer import exact_regex  # noqa: E402
+from adapterkit.plugins.peft.rules import selects  # noqa: E402
+from adapterkit.plugins.peft.selection import exact_regex  # noqa: E402
 from helpers import bits, make_lora_adapter  # noqa: E402
 from models import BUILDERS, sample_inputs  # noqa: E402
 
@@ -288,9 +288,9 @@ def test_exact_regex_and_pattern_rules():
     others = ["model.layers.2.self_attn.q_proj", "model.layers.1.mlp.up_proj", "encoder.block.1", "x.1.y.3.z", "lm_headX"]
     for other in others:
         assert not re.fullmatch(regex, other)
-    assert pattern_key(["v_proj", "proj"], "model.layers.0.self_attn.v_proj") == "v_proj"
-    assert pattern_key(["layers.1.self_attn.q_proj"], "model.layers.11.self_attn.q_proj") is None
-    assert pattern_key(["q"], "model.layers.0.self_attn.q_proj") is None
+    assert adapterkit.pattern_value("model.layers.0.self_attn.v_proj", {"v_proj": 1, "proj": 2}, 0) == 1
+    assert adapterkit.pattern_value("model.layers.11.self_attn.q_proj", {"layers.1.self_attn.q_proj": 1}, 0) == 0
+    assert adapterkit.pattern_value("model.layers.0.self_attn.q_proj", {"q": 1}, 0) == 0
 
 
 # ---- other PEFT layouts -----------------------------------------------------------
@@ -386,7 +386,7 @@ def test_base_changing_init_warns(llama_folder, tmp_path):
 # ---- refusals ---------------------------------------------------------------------
 
 CONFIG_REFUSALS = [
-    ({"peft_type": "IA3"}, FormatError, r"\$\.peft_type"),
+    ({"peft_type": "LOHA"}, FormatError, r"\$\.peft_type.*no installed plugin reads PEFT LOHA"),
     ({"use_dora": True}, FormatError, r"use_dora is true but .* no DoRA magnitude"),
     ({"modules_to_save": ["lm_head"]}, LossyConversionError, r"\$\.modules_to_save"),
     ({"bias": "all"}, LossyConversionError, r"\$\.bias.*biases"),
@@ -457,8 +457,8 @@ def test_real_seq_cls_adapter_with_modules_to_save_is_refused(tmp_path):
 
 def test_writer_refusals(tmp_path):
     adapter = make_lora_adapter()
-    adapter.manifest.method = "ia3"
-    with pytest.raises(LossyConversionError, match="ia3"):
+    adapter.manifest.method = "bottleneck"  # a method without a PEFT codec
+    with pytest.raises(LossyConversionError, match="bottleneck"):
         FMT.write(adapter, tmp_path / "a")
     mixed = make_lora_adapter({
         "model.layers.0.self_attn.q_proj": {"kind": "linear", "shape": [32, 32], "r": 4, "alpha": 8},
@@ -494,7 +494,9 @@ def test_detect_never_raises(llama_folder, tmp_path):
     (mlx / "adapters.safetensors").write_bytes(b"")
     assert not FMT.detect(mlx)
     other = copy_of(llama_folder, tmp_path)
-    edit_config(other, peft_type="IA3")
+    edit_config(other, peft_type="LOHA")  # detected (so that reading says what would read it)
+    assert FMT.detect(other)
+    edit_config(other, peft_type=7)
     assert not FMT.detect(other)
 
 

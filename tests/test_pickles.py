@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from adapterkit.core.errors import AdapterkitError, TensorFileError, UnsafeFileError
-from adapterkit.core.torch_pickle import check_torch_file
+from adapterkit.core.format.torch_files import check_torch_file
 from fuzz_helpers import _long1, _zip_entries, _zip_rebuild, build_samples, registry, write_report
 from helpers import REPO, VENV_BIN
 
@@ -124,7 +124,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(world, tmp_pat
 
 
 def test_the_prompt_tuning_reader_refuses_a_hostile_bin(world, tmp_path):
-    """PEFT prompt tuning reads adapter_model.bin through the same weights-only loader."""
+    """PEFT prompt tuning reads adapter_model.bin through the same weights-only loader (the peft format's)."""
     sample = world["samples"]["peft/prompt"]
     marker = tmp_path / "marker"
     (sample.folder / "adapter_model.safetensors").unlink()
@@ -236,9 +236,13 @@ def test_the_cli_refuses_a_hostile_pickle_cleanly(world, tmp_path, key):
 
 
 def test_a_checked_torch_file_is_the_only_way_in():
-    """The three weights-only loaders run the size check first (a guard against a copy without it)."""
-    for name in ("plugins/peft/reader.py", "plugins/torchtune_format.py", "plugins/adapterhub/reader.py"):
-        path = REPO / name
+    """Every weights-only load runs the size check first (a guard against a copy without it). The one loader is
+    core/format/torch_files.py's read_torch_tensors (adapterkit.read_torch_tensors); a module that still has its
+    own torch.load must check the file first too."""
+    loaders = {str(path.relative_to(REPO)): path for folder in ("core", "plugins", "cli")
+               for path in sorted((REPO / folder).rglob("*.py")) if torch_load_calls(path)}
+    assert "core/format/torch_files.py" in loaders, sorted(loaders)
+    for name, path in loaders.items():
         calls = torch_load_calls(path)
         assert len(calls) == 1 and weights_only(calls[0]), name
         checks = [node for node in ast.walk(ast.parse(path.read_text("utf-8")))

@@ -1,4 +1,4 @@
-"""core/plugins.py: loading, checking and reporting plugins; a broken plugin never breaks the others."""
+"""core/plugin/registry.py: loading, checking and reporting plugins; a broken plugin never breaks the others."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 import adapterkit
 from adapterkit import hookimpl
-from adapterkit.core import plugins as plugins_mod
+from adapterkit.core.plugin import registry as plugins_mod
 from adapterkit.core.errors import FormatError, PluginError
-from adapterkit.core.formats import Format
-from adapterkit.core.plugins import Registry, allowed_plugins, default_registry, get_plugin_manager
+from adapterkit.core.plugin.formats import Format
+from adapterkit.core.plugin.registry import Registry, allowed_plugins, default_registry, get_plugin_manager
 from helpers import edit_manifest, registry_with, write_adapter
 from models import TorchlessMethod
 
@@ -90,9 +90,9 @@ def test_throwaway_plugin_adds_a_method_and_a_format():
 def test_a_plugin_method_gets_save_validate_and_load_for_free(tmp_path):
     import numpy as np
 
-    from adapterkit.core.adapter import Adapter
-    from adapterkit.core.base_model import targets_fingerprint
-    from adapterkit.core.manifest import Manifest
+    from adapterkit.core.format.adapter import Adapter
+    from adapterkit.core.format.base_model import targets_fingerprint
+    from adapterkit.core.format.manifest import Manifest
 
     registry = registry_with(("toy", ToyPlugin()))
     targets = {"layer.proj": {"kind": "linear", "shape": [3, 2]}}
@@ -132,7 +132,7 @@ def test_a_plugin_raising_in_its_hook_is_recorded_and_others_keep_working():
         (ToyFormat(), "registered ToyFormat, expected an adapterkit.Method instance"),
         (ToyMethod, "registered ABCMeta, expected an adapterkit.Method instance"),  # the class, not an instance
         (type("Nameless", (ToyMethod,), {"name": ""})(), "without a name"),
-        (type("Future", (ToyMethod,), {"name": "future", "api_version": "2"})(), "targets plugin API 2"),
+        (type("Future", (ToyMethod,), {"name": "future", "api_version": "3"})(), "targets plugin API 3"),
     ],
 )
 def test_a_plugin_registering_something_invalid_is_recorded(obj, needle):
@@ -335,7 +335,7 @@ BROKEN_SOURCE = 'raise RuntimeError("fakeplug is broken")\n'
 GOOD_SOURCE = """
     import click
     import adapterkit
-    from adapterkit.core.formats import Format
+    from adapterkit.core.plugin.formats import Format
 
 
     class GoodFormat(Format):
@@ -443,7 +443,7 @@ def test_a_third_party_entry_point_cannot_shadow_a_built_in(tmp_path, monkeypatc
 # ---- plugin API versions and hook coverage -------------------------------------------
 
 def test_a_format_targeting_another_plugin_api_is_refused_with_a_clear_message():
-    future_format = type("FutureFormat", (ToyFormat,), {"name": "futurefmt", "api_version": "2"})()
+    future_format = type("FutureFormat", (ToyFormat,), {"name": "futurefmt", "api_version": "3"})()
 
     def adapterkit_register_formats(register):
         register(future_format)
@@ -451,7 +451,7 @@ def test_a_format_targeting_another_plugin_api_is_refused_with_a_clear_message()
 
     registry = registry_with(("future_fmt", plugin(adapterkit_register_formats=adapterkit_register_formats)))
     errors = registry.plugins["future_fmt"].errors
-    assert errors == ["Format 'futurefmt' targets plugin API 2, this adapterkit provides 1"]
+    assert errors == ["Format 'futurefmt' targets plugin API 3, this adapterkit provides 2; upgrade the plugin or adapterkit"]
     assert "futurefmt" not in registry.formats and "toyfmt" in registry.formats
 
 
@@ -466,14 +466,14 @@ def test_a_module_targeting_another_plugin_api_is_shown_by_the_cli(tmp_path, mon
         sys.modules.pop("oldplug_mod", None)
     assert result.exit_code == 1
     assert "oldplug  [FAILED]  oldplug 0.1" in result.stdout
-    assert "targets plugin API 0, this adapterkit provides 1; upgrade the plugin or adapterkit" in result.stdout
+    assert "targets plugin API 0, this adapterkit provides 2; upgrade the plugin or adapterkit" in result.stdout
 
 
 def test_every_hook_has_a_test():
     """datasette's rule: each hook spec is exercised by at least one test of this module."""
     import inspect as inspect_mod
 
-    from adapterkit.core import hookspecs
+    from adapterkit.core.plugin import hookspecs
 
     marker = f"{hookspecs.PROJECT}_spec"
     specs = [name for name, fn in vars(hookspecs).items() if callable(fn) and hasattr(fn, marker)]
@@ -482,3 +482,69 @@ def test_every_hook_has_a_test():
     tests = [chunk for chunk in source.split("\ndef test_")[1:]]
     untested = [name for name in specs if not any(name in chunk for chunk in tests)]
     assert not untested, f"hooks without a test in tests/test_plugins.py: {untested}"
+
+
+# ---- codecs (one method's layout inside a multi-method format) and the API 1 contract ----------
+
+class ToyCodec(adapterkit.Codec):
+    format, key, methods, description = "toyfmt", "TOY", ("toy",), "toy layout"
+
+    def read(self, context):
+        raise NotImplementedError
+
+    def write(self, adapter, context):
+        return {}, {}
+
+
+def test_codecs_register_and_are_found_by_format_key_and_method():
+    broken = type("NoKey", (ToyCodec,), {"key": ""})()
+    again = type("Again", (ToyCodec,), {})()
+
+    def adapterkit_register_codecs(register):
+        register(ToyCodec())
+        register(broken)
+        register(again)
+        register(ToyFormat())  # not a codec
+
+    registry = registry_with(("codecs", plugin(adapterkit_register_codecs=adapterkit_register_codecs)))
+    codec = registry.codec("toyfmt", "TOY")
+    assert isinstance(codec, ToyCodec) and codec.name == "toyfmt:TOY"
+    assert registry.codec_for("toyfmt", "toy") is codec and registry.codec_for("toyfmt", "lora") is None
+    assert registry.codecs_of("toyfmt") == {"TOY": codec}
+    info = registry.plugins["codecs"]
+    assert info.codecs == ["toyfmt:TOY"]
+    assert info.errors == ["codec NoKey must set format, key and methods",
+                           "Codec 'toyfmt:TOY' is already registered by plugin 'codecs'; skipped",
+                           "registered ToyFormat, expected an adapterkit.Codec instance"]
+
+
+def test_a_method_written_for_plugin_api_1_is_refused_with_what_to_change():
+    import numpy as np
+
+    class OldStyle(ToyMethod):  # API 1: a mergeable flag and a delta_weight hook, no capability
+        name = "oldstyle"
+        mergeable = True
+
+        def delta_weight(self, module, target, config, tensors):
+            return np.zeros(target["shape"], np.float32)
+
+    class Hooked(ToyMethod):  # API 1 hook without its capability
+        name = "hooked"
+
+        def merged_weight(self, module, target, config, tensors, weight):
+            return weight
+
+    class Upgraded(ToyMethod, adapterkit.DeltaWeight):
+        name = "upgraded"
+
+        def delta_weight(self, module, target, config, tensors):
+            return np.zeros(target["shape"], np.float32)
+
+    registry = registry_with(("old", plugin(adapterkit_register_methods=methods_hook(OldStyle(), Hooked(), Upgraded()))))
+    errors = registry.plugins["old"].errors
+    assert errors[0].startswith("method 'oldstyle' is written for plugin API 1 (drop mergeable: merging follows from "
+                                "DeltaWeight, MergedWeight or LowRank); upgrade the plugin: subclass the capabilities")
+    assert errors[1].startswith("method 'hooked' is written for plugin API 1 (merged_weight is defined but the class "
+                                "does not subclass adapterkit.MergedWeight)")
+    assert "docs/plugins.md, 'From plugin API 1 to 2'" in errors[1]
+    assert "upgraded" in registry.methods and not {"oldstyle", "hooked"} & set(registry.methods)

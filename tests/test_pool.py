@@ -1,4 +1,4 @@
-"""The multi-adapter runtime (core/pool.py, plugins/lora/pool_layer.py).
+"""The multi-adapter runtime (core/runtime/pool.py, core/runtime/pool_layer.py).
 
 Every row of a mixed batch must give what its adapter gives alone (adapterkit.apply, and
 PEFT's own mixed batch), with LoRA, rsLoRA, per-module rank / alpha, ranks padded to the
@@ -18,8 +18,8 @@ import torch
 
 import adapterkit  # noqa: E402
 from adapterkit.core.errors import AdapterkitError, UsageError  # noqa: E402
-from adapterkit.core.pool import AdapterPool, read_adapter, read_native_fast  # noqa: E402
-from adapterkit.plugins.lora.pool_layer import PoolLayer, pool_layers  # noqa: E402
+from adapterkit.core.runtime.pool import AdapterPool, read_adapter, read_native_fast  # noqa: E402
+from adapterkit.core.runtime.pool_layer import PoolLayer, pool_layers  # noqa: E402
 from adapterkit.testing import perturb  # noqa: E402
 from models import BUILDERS, sample_inputs  # noqa: E402
 
@@ -52,8 +52,8 @@ UNION = {
 }
 ROWS = {
     "interleaved": ["a", None, "b", "c", "a", "b"],  # groups of non-neighbouring rows and a single row
-    "grouped": ["c", "c", "a", "a", None, "b"],  # contiguous groups (slices)
-    "two groups": ["b", "b", "a", None],  # what "auto" runs with the segment kernel
+    "grouped": ["c", "c", "a", "a", None, "b"],  # contiguous groups
+    "two groups": ["b", "b", "a", None],
 }
 
 
@@ -108,7 +108,7 @@ def test_each_row_gets_its_own_adapter(kind, pattern, adapters):
     for name in set(rows) - {None}:  # random B: every adapter moves the outputs (a zero B would prove nothing)
         assert (expected[name] - applied(kind, None, inputs)).abs().max().item() > 100 * ATOL, name
     pool = make_pool(kind, adapters)
-    for kernel in ("auto", "segment", "gather"):
+    for kernel in ("auto", "gather"):
         pool.kernel = kernel
         got = pooled(pool, inputs, rows)
         assert pool.routing.index is None  # the routing is cleared after the call
@@ -122,7 +122,7 @@ def test_a_row_alone_equals_the_same_row_in_a_mixed_batch(kind, adapters):
     rows = ROWS["interleaved"]
     inputs = sample_inputs(batch=len(rows))
     pool = make_pool(kind, adapters)
-    for kernel in ("auto", "segment", "gather"):
+    for kernel in ("auto", "gather"):
         pool.kernel = kernel
         got = pooled(pool, inputs, rows)
         for i, name in enumerate(rows):  # each row run alone (batch of one) with its adapter applied, or the base
@@ -158,7 +158,7 @@ def test_gather_kernel_does_not_loop_over_adapters(adapters):
     assert count_ops(lambda: pooled(pool, inputs, mixes[1])) == counts[tuple(mixes[1])]
 
 
-@pytest.mark.parametrize("kernel", ["segment", "gather"])
+@pytest.mark.parametrize("kernel", ["auto", "gather"])
 def test_rows_without_adapter_are_the_base(kernel, adapters):
     inputs = sample_inputs(batch=4)
     pool = make_pool("llama", adapters, kernel=kernel)
@@ -195,7 +195,7 @@ def test_matches_peft_mixed_batch(kind, tmp_path):
     inputs = sample_inputs(batch=len(rows))
     with torch.no_grad():
         expected = model(**inputs, adapter_names=[n or "__base__" for n in rows]).logits
-    for kernel in ("segment", "gather"):
+    for kernel in ("auto", "gather"):
         pool.kernel = kernel
         diff = (pooled(pool, inputs, rows) - expected).abs().max().item()
         assert diff <= ATOL, f"{kernel}: max abs diff to PEFT {diff:.3g}"
@@ -294,15 +294,17 @@ def test_generate_with_one_adapter_per_row(adapters):
 
 
 def test_refusals(adapters):
-    pool = make_pool("llama", adapters, names=("a",), max_adapters=1)
+    pool = make_pool("llama", adapters, names=("a",), max_adapters=1, max_registered=1)
     inputs = sample_inputs(batch=2)
     cases = [
-        (lambda: pool.load("b", adapters["llama"]["b"]), "pool_full"),
+        (lambda: pool.load("b", adapters["llama"]["b"]), "pool_full"),  # max_registered, not the device slots
         (lambda: pooled(pool, inputs, ["a"]), "bad_adapter_names"),
         (lambda: pooled(pool, inputs, "a"), "bad_adapter_names"),
         (lambda: pooled(pool, inputs, ["a", "zzz"]), "unknown_adapter"),
         (lambda: AdapterPool(pool.model), "pool_exists"),
         (lambda: AdapterPool(BUILDERS["llama"](0), kernel="loop"), "bad_option"),
+        (lambda: AdapterPool(BUILDERS["llama"](0), kernel="segment"), "bad_option"),  # retired (issue 16)
+        (lambda: AdapterPool(BUILDERS["llama"](0), max_registered=0), "bad_option"),
         (lambda: AdapterPool(BUILDERS["llama"](0), max_rank=0), "bad_option"),
         (lambda: AdapterPool(BUILDERS["llama"](0), target_modules=["nothing_here"]), "no_targets"),
     ]

@@ -11,12 +11,11 @@ import torch
 import peft
 
 import adapterkit  # noqa: E402
-import adapterkit.plugins.prefix_tuning as prefix_plugin  # noqa: E402
-import adapterkit.plugins.prompt_tuning as prompt_plugin  # noqa: E402
-from adapterkit.core import safetensors_io  # noqa: E402
+import adapterkit.plugins.prompts.prefix_method as prefix_plugin  # noqa: E402
+import adapterkit.plugins.prompts.prompt_method as prompt_plugin  # noqa: E402
+from adapterkit.core.format import safetensors_io  # noqa: E402
 from adapterkit.core.errors import AdapterkitError, BaseModelError, UsageError  # noqa: E402
-from adapterkit.core.plugins import Registry, default_registry, get_plugin_manager  # noqa: E402
-from adapterkit.plugins import peft_prompts  # noqa: E402
+from adapterkit.core.plugin.registry import Registry, default_registry, get_plugin_manager  # noqa: E402
 from adapterkit.testing import MethodConformance  # noqa: E402
 from models import BUILDERS, sample_inputs  # noqa: E402
 
@@ -72,7 +71,7 @@ def test_peft_folder_loads_applies_and_writes_back(kind, projection, tiny_base_d
     with torch.no_grad():
         expected = reference(**inputs).logits  # with the MLP: computed live, the file holds its output
 
-    adapter = peft_prompts.read(tmp_path / "peft", base=tiny_base_dirs[kind])
+    adapter = adapterkit.load(tmp_path / "peft", format="peft", registry=REG, base=tiny_base_dirs[kind])
     kv_dim = 16 if kind == "llama" else 32  # llama: 2 key/value heads of 8 (GQA); gpt2: 4 heads of 8
     assert all(t.shape == (N, kv_dim) for t in adapter.tensors.values())
     if kind == "llama":
@@ -88,7 +87,7 @@ def test_peft_folder_loads_applies_and_writes_back(kind, projection, tiny_base_d
     assert (got - base).abs().max() > 1e-3
     assert (got - expected).abs().max().item() <= 1e-5
 
-    peft_prompts.write(adapter, tmp_path / "back")
+    adapterkit.save(adapter, tmp_path / "back", format="peft", registry=REG)
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["prefix_projection"] is False
     again = peft.PeftModel.from_pretrained(BUILDERS[kind](seed=0), tmp_path / "back").eval()
@@ -102,7 +101,7 @@ def test_adapterkit_made_adapter_loads_in_peft(tmp_path):
     inputs = padded_inputs()
     with torch.no_grad():
         ours = model(**inputs).logits
-    peft_prompts.write(handle.to_adapter(), tmp_path / "peft")
+    adapterkit.save(handle.to_adapter(), tmp_path / "peft", format="peft", registry=REG)
     theirs = peft.PeftModel.from_pretrained(BUILDERS["llama"](seed=0), tmp_path / "peft").eval()
     with torch.no_grad():
         assert (theirs(**inputs).logits - ours).abs().max().item() <= 1e-5
@@ -117,7 +116,7 @@ def test_a_file_holding_the_mlp_is_folded(tiny_base_dirs, tmp_path):
     assert set(state) == {"embedding.weight", "transform.0.weight", "transform.0.bias",
                           "transform.2.weight", "transform.2.bias"}
     safetensors_io.save(tmp_path / "mlp" / "adapter_model.safetensors", state, {"format": "pt"})
-    folded = peft_prompts.read(tmp_path / "mlp", base=tiny_base_dirs["llama"])
+    folded = adapterkit.load(tmp_path / "mlp", format="peft", registry=REG, base=tiny_base_dirs["llama"])
     model = adapterkit.apply(folded, BUILDERS["llama"](seed=0), registry=REG)
     inputs = padded_inputs()
     with torch.no_grad():
@@ -127,7 +126,7 @@ def test_a_file_holding_the_mlp_is_folded(tiny_base_dirs, tmp_path):
 def test_wrong_base_is_refused(tiny_base_dirs, tmp_path):
     peft_prefix_model("llama").save_pretrained(tmp_path / "peft")
     with pytest.raises(BaseModelError, match="differ from the base model"):
-        peft_prompts.read(tmp_path / "peft", base=tiny_base_dirs["gpt2"])
+        adapterkit.load(tmp_path / "peft", format="peft", registry=REG, base=tiny_base_dirs["gpt2"])
 
 
 # ---- the cache API ----------------------------------------------------------------

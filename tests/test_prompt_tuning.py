@@ -11,12 +11,11 @@ import peft
 import jsonschema
 
 import adapterkit  # noqa: E402
-import adapterkit.plugins.prefix_tuning as prefix_plugin  # noqa: E402
-import adapterkit.plugins.prompt_tuning as prompt_plugin  # noqa: E402
+import adapterkit.plugins.prompts.prefix_method as prefix_plugin  # noqa: E402
+import adapterkit.plugins.prompts.prompt_method as prompt_plugin  # noqa: E402
 from adapterkit.core.errors import AdapterkitError, FormatError, UsageError  # noqa: E402
-from adapterkit.core.plugins import Registry, default_registry, get_plugin_manager  # noqa: E402
-from adapterkit.core.session import attached  # noqa: E402
-from adapterkit.plugins import peft_prompts  # noqa: E402
+from adapterkit.core.plugin.registry import Registry, default_registry, get_plugin_manager  # noqa: E402
+from adapterkit.core.runtime.inject import attached  # noqa: E402
 from adapterkit.testing import MethodConformance  # noqa: E402
 from models import BUILDERS, sample_inputs  # noqa: E402
 
@@ -72,7 +71,7 @@ def test_peft_folder_loads_applies_and_writes_back(kind, tiny_base_dirs, tmp_pat
         expected = reference(**inputs, labels=labels)
     assert expected.logits.shape[1] == N + 8  # PEFT's logits include the virtual positions
 
-    adapter = peft_prompts.read(tmp_path / "peft", base=tiny_base_dirs[kind])
+    adapter = adapterkit.load(tmp_path / "peft", format="peft", registry=REG, base=tiny_base_dirs[kind])
     embedding = "model.embed_tokens" if kind == "llama" else "transformer.wte"
     assert set(adapter.tensors) == {f"{embedding}.prompt.embeddings"}
     assert adapter.manifest.config == {"num_virtual_tokens": N} and adapter.manifest.task == "causal-lm"
@@ -85,7 +84,7 @@ def test_peft_folder_loads_applies_and_writes_back(kind, tiny_base_dirs, tmp_pat
     assert (got.logits - expected.logits[:, N:]).abs().max().item() <= 1e-5
     assert abs(got.loss.item() - expected.loss.item()) <= 1e-5  # labels extended with -100 like PEFT
 
-    peft_prompts.write(adapter, tmp_path / "back")
+    adapterkit.save(adapter, tmp_path / "back", format="peft", registry=REG)
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == N
     again = peft.PeftModel.from_pretrained(BUILDERS[kind](seed=0), tmp_path / "back").eval()
@@ -100,12 +99,12 @@ def test_adapterkit_made_adapter_loads_in_peft(tiny_base_dirs, tmp_path):
     with torch.no_grad():
         ours = model(**inputs).logits
     adapter = handle.to_adapter()
-    peft_prompts.write(adapter, tmp_path / "peft")
+    adapterkit.save(adapter, tmp_path / "peft", format="peft", registry=REG)
     theirs = peft.PeftModel.from_pretrained(BUILDERS["llama"](seed=0), tmp_path / "peft").eval()
     with torch.no_grad():
         assert (theirs(**inputs).logits[:, 5:] - ours).abs().max().item() <= 1e-5
     # and back: the PEFT folder reads into the same adapter
-    again = peft_prompts.read(tmp_path / "peft", base=tiny_base_dirs["llama"])
+    again = adapterkit.load(tmp_path / "peft", format="peft", registry=REG, base=tiny_base_dirs["llama"])
     assert again.targets == adapter.targets
     assert all((again.tensors[k] == v).all() for k, v in adapter.tensors.items())
 
@@ -125,21 +124,21 @@ def test_sequence_classification_matches_peft():
 
 def test_reading_peft_needs_the_base(tmp_path):
     peft_prompt_model("llama").save_pretrained(tmp_path / "peft")
-    assert peft_prompts.detect(tmp_path / "peft")
+    assert REG.format("peft").detect(tmp_path / "peft")
     with pytest.raises(FormatError, match="base model is needed"):
-        peft_prompts.read(tmp_path / "peft")
-    live = peft_prompts.read(tmp_path / "peft", base=BUILDERS["llama"](seed=0))  # a live model works too
+        adapterkit.load(tmp_path / "peft", format="peft", registry=REG)
+    live = adapterkit.load(tmp_path / "peft", format="peft", registry=REG, base=BUILDERS["llama"](seed=0))  # a live model
     assert list(live.targets) == ["model.embed_tokens"]
 
 
 def test_peft_format_plugin_delegates_when_hooked_in(tiny_base_dirs, tmp_path):
-    """The peft format plugin hands PEFT prompt-tuning folders to peft_prompts."""
+    """The peft format plugin hands PEFT prompt-tuning folders to the prompts plugin's PROMPT_TUNING codec."""
     peft_prompt_model("gpt2").save_pretrained(tmp_path / "peft")
     assert REG.format("peft").detect(tmp_path / "peft")
     adapter = adapterkit.load(tmp_path / "peft", registry=REG, base=tiny_base_dirs["gpt2"])
     assert adapter.method == "prompt"
     adapterkit.save(adapter, tmp_path / "back", format="peft", registry=REG)
-    assert peft_prompts.detect(tmp_path / "back")
+    assert REG.format("peft").detect(tmp_path / "back")
 
 
 # ---- generation and the cache ---------------------------------------------------

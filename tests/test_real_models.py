@@ -1,4 +1,4 @@
-"""adapterkit.core.real_models: the real pretrained models from PyPI packages.
+"""adapterkit.core.demo.real_models: the real pretrained models from PyPI packages.
 
 The tests marked slow prepare SmolLM2-135M once per session (about half a
 minute) into the pytest temp folder; the cache logic is tested fast with a
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterkit.core import real_models
+from adapterkit.core.demo import real_models
 from adapterkit.core.errors import AdapterkitError
 
 
@@ -23,7 +23,7 @@ from adapterkit.core.errors import AdapterkitError
 
 
 def test_import_does_not_import_torch():
-    code = "import sys, adapterkit.core.real_models, adapterkit.core.demo, adapterkit.cli.demo; print('torch' in sys.modules)"
+    code = "import sys, adapterkit.core.demo.real_models, adapterkit.core.demo.run, adapterkit.cli.demo; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

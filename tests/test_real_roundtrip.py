@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.core.adapter import Adapter, split_key
-from adapterkit.core.base_model import targets_fingerprint
+from adapterkit.core.format.adapter import Adapter, split_key
+from adapterkit.core.format.base_model import targets_fingerprint
 from adapterkit.core.errors import LossyConversionError
-from adapterkit.core.plugins import default_registry
+from adapterkit.core.plugin.registry import default_registry
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ ADAPTERHUB_KINDS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def trained(smollm2_dir, tmp_path_factory) -> tuple[Path, Adapter]:
-    from adapterkit.core.onnx_trace import load_base
+    from adapterkit.core.runtime.models import load_base
 
     torch.manual_seed(0)
     model = load_base(smollm2_dir)
@@ -59,7 +59,7 @@ BUILT_IN_FORMATS = ["adapterhub", "gguf", "kohya", "mlx", "onnx-adapter", "peft"
 
 
 def test_every_built_in_format_is_covered():
-    """Third-party formats (the IA3 example's peft-ia3) are not ours to round-trip a LoRA through."""
+    """Third-party formats (an installed plugin's) are not ours to round-trip a LoRA through."""
     formats = default_registry().formats
     ours = {name for name, fmt in formats.items() if type(fmt).__module__.startswith("adapterkit.plugins.")}
     assert ours - {"adapterkit"} == set(BUILT_IN_FORMATS)
@@ -108,7 +108,7 @@ def test_adapterhub_refuses_what_it_cannot_hold_and_round_trips_the_rest(trained
 def test_peft_loads_the_converted_folder_with_the_same_logits(trained, smollm2_dir, tmp_path):
     import peft
 
-    from adapterkit.core.onnx_trace import load_base
+    from adapterkit.core.runtime.models import load_base
 
     src, adapter = trained
     out = adapterkit.convert(src, tmp_path / "peft", "peft")

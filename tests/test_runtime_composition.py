@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.core.activation import active_composition, activate, apply_composition, deactivate
-from adapterkit.core.composition import Average, Stack, WeightedSum, parse
-from adapterkit.core.composition_folder import save_composition
+from adapterkit.core.runtime.composition import active_composition, activate, apply_composition, deactivate
+from adapterkit.core.format.composition import Average, Stack, WeightedSum, parse
+from adapterkit.core.store.composition_folder import save_composition
 from adapterkit.core.errors import UsageError
-from adapterkit.core.method import Method
-from adapterkit.core.plugins import default_registry
+from adapterkit.core.plugin.method import Method
+from adapterkit.core.plugin.registry import default_registry
 from adapterkit.testing import perturb
 from models import BUILDERS, sample_inputs
 
@@ -179,14 +179,25 @@ def test_a_third_party_method_refuses_by_default_and_can_opt_in():
 
         inject = load_state = extract_state = trainable_parameters = None  # type: ignore[assignment]
 
+    from adapterkit import RuntimeComposable
+    from adapterkit.core.plugin.capabilities import composition_refusal
+
     plain = Plain()
-    assert plain.composition_refusal(Stack("a")) == (
+    assert composition_refusal(plain, Stack("a")) == (
         "method 'plain' cannot run a stack composition (Stack('a')): it has no runtime composition")
-    with pytest.raises(NotImplementedError, match="method 'plain' cannot run a stack"):
-        plain.activate_composition(None, Stack("a"))
-    plain.composition_kinds = ("stack",)
-    assert plain.composition_refusal(Stack("a")) is None
-    assert "runs stack blocks only" in plain.composition_refusal(Average("a", "b"))
+
+    class Composing(Plain, RuntimeComposable):  # opts in: the capability, its blocks and its two hooks
+        composition_kinds = ("stack",)
+
+        def activate_composition(self, model, composition):
+            model.running = composition
+
+        def deactivate_composition(self, model):
+            model.running = None
+
+    composing = Composing()
+    assert composition_refusal(composing, Stack("a")) is None
+    assert "runs stack blocks only" in composition_refusal(composing, Average("a", "b"))
 
 
 def test_blocks_round_trip_through_json():

@@ -1,4 +1,4 @@
-"""core/safetensors_io.py: interoperability with the safetensors library, determinism, strict header checks."""
+"""core/format/safetensors_io.py: interoperability with the safetensors library, determinism, strict header checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapterkit.core import safetensors_io as sio
+from adapterkit.core.format import safetensors_io as sio
 from adapterkit.core.errors import TensorFileError
 from helpers import bits, raw_safetensors
 

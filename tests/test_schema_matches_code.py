@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from adapterkit.cli.main import cli
-from adapterkit.core import manifest as mf
-from adapterkit.core.adapter import DTYPE_NAMES
-from adapterkit.core.base_model import targets_fingerprint
-from adapterkit.core.native import TENSOR_FILE
-from adapterkit.core.plugins import default_registry
+from adapterkit.core.format import manifest as mf
+from adapterkit.core.format.adapter import DTYPE_NAMES
+from adapterkit.core.format.base_model import targets_fingerprint
+from adapterkit.core.store.native import TENSOR_FILE
+from adapterkit.core.plugin.registry import default_registry
 from helpers import REPO, make_lora_adapter
 
 SCHEMA_FILE = REPO / "schema" / "manifest-1.json"

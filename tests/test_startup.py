@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterkit.core import safetensors_io
-from adapterkit.core.plugins import default_registry
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.plugin.registry import default_registry
 from helpers import edit_manifest, llama_targets, lora_tensors, write_adapter
 
 HEAVY = ("torch", "transformers", "peft", "accelerate")

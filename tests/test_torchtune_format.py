@@ -23,13 +23,13 @@ from models import sample_inputs, tiny_llama
 from safetensors.torch import save_file
 
 import adapterkit
-from adapterkit.core.adapter import Adapter
-from adapterkit.core.base_model import targets_fingerprint
+from adapterkit.core.format.adapter import Adapter
+from adapterkit.core.format.base_model import targets_fingerprint
 from adapterkit.core.errors import FormatError, LossyConversionError, UnsafeFileError
-from adapterkit.core.manifest import Manifest
-from adapterkit.core.plugins import Registry, get_plugin_manager
-from adapterkit.plugins import torchtune_format
-from adapterkit.plugins.torchtune_names import hf_to_meta, meta_to_hf
+from adapterkit.core.format.manifest import Manifest
+from adapterkit.core.plugin.registry import Registry, get_plugin_manager
+import adapterkit.plugins.torchtune as torchtune_format
+from adapterkit.plugins.torchtune.names import hf_to_meta, meta_to_hf
 
 PEER_PYTHON = REPO / ".venv-torchtune" / "bin" / "python"
 PEER_SCRIPT = REPO / "tests" / "torchtune_peer" / "peer.py"
@@ -229,7 +229,7 @@ def test_reading_torchtune_matches_torchtune_peft_export(native, reg):
     # the folder also holds torchtune's PEFT copy, so detection leaves it to the peft format
     assert not torchtune_format.TorchtuneFormat().detect(native)
     adapter = adapterkit.load(native, format="torchtune", registry=reg)  # base from base_model_name_or_path
-    peft_copy = dict(adapterkit.core.safetensors_io.load(native / "adapter_model.safetensors")[0])
+    peft_copy = dict(adapterkit.core.format.safetensors_io.load(native / "adapter_model.safetensors")[0])
     assert len(adapter.targets) == 5 and all(t["r"] == 4 and t["alpha"] == 16 for t in adapter.targets.values())
     for module in adapter.targets:
         for which in "AB":

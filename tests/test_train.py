@@ -1,4 +1,4 @@
-"""``adapterkit train`` and adapterkit.core.train on tiny bases with a character tokenizer (no downloads)."""
+"""``adapterkit train`` and adapterkit.core.train.run on tiny bases with a character tokenizer (no downloads)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from click.testing import CliRunner
 
 import adapterkit
 from adapterkit.cli.main import COMMANDS, cli
-from adapterkit.core import train_data, train_loop
-from adapterkit.core.train import train
-from adapterkit.core.train_config import method_config, parse_pairs, parse_targets
-from adapterkit.core.train_data import DataError, read_jsonl
+from adapterkit.core.train import data as train_data
+from adapterkit.core.train import loop as train_loop
+from adapterkit.core.train.run import train
+from adapterkit.core.train.config import method_config, parse_targets
+from adapterkit.core.io import parse_pairs
+from adapterkit.core.train.data import DataError, read_jsonl
 from train_helpers import number_rows, one_torch_thread, save_tiny_base, sentiment_rows, write_jsonl
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -136,7 +138,7 @@ def test_best_adapter_is_saved_and_early_stopping(bases, numbers, tmp_path):
     rows = [train_data.encode(dataset, tokenizer, 512)[i] for i in val_idx]
     model = adapterkit.apply(adapterkit.load(result.path), AutoModelForCausalLM.from_pretrained(bases["llama"],
                                                                                                 dtype=torch.float32))
-    from adapterkit.core.train_dist import Dist
+    from adapterkit.core.train.dist import Dist
 
     loss, accuracy = train_loop.evaluate(model, rows, 8, train_data.pad_id(tokenizer), Dist())
     assert loss == pytest.approx(result.best_val_loss, abs=1e-6)
@@ -248,7 +250,7 @@ def test_cli_bad_data_exits_1_with_file_and_line(bases, tmp_path):
     (["--method", "lora", "--config", "nope=1"], ["unknown LoRA option 'nope'"]),
     (["--method", "lora", "--config", "r=0"], ["$.method.config.r", "r must be an integer >= 1"]),
     (["--method", "lora", "--config", "broken"], ["--config must be KEY=VALUE"]),
-    (["--method", "prompt", "--quantize", "nf4"], ["--quantize trains QLoRA"]),
+    (["--method", "prompt", "--quantize", "nf4"], ["--quantize trains on a quantised base", "use --method lora"]),
     (["--method", "nope"], ["unknown method 'nope'"]),
     (["--method", "lora", "--rank", "4", "--config", "r=8"], ["r is given twice"]),
 ])
@@ -365,7 +367,7 @@ def test_gradient_checkpointing_recomputes_the_layers():
     """enable_checkpointing makes backward run the inside of each decoder layer again; the gradients are the same."""
     import torch
 
-    from adapterkit.core.train import enable_checkpointing
+    from adapterkit.core.train.run import enable_checkpointing
     from adapterkit.testing import tiny_llama
 
     def layer_calls(checkpointing: bool) -> tuple[int, torch.Tensor]:

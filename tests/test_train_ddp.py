@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import adapterkit
-from adapterkit.core.train import train
-from train_helpers import number_rows, one_torch_thread, save_tiny_base, write_jsonl
+from adapterkit.core.train.run import train
+from train_helpers import number_rows, one_torch_thread, save_tiny_base, torchrun_command, write_jsonl
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -29,7 +29,7 @@ import json
 import os
 import numpy as np
 import torch.distributed as dist
-import adapterkit.core.train as core_train
+import adapterkit.core.train.run as core_train
 from adapterkit.cli.main import COMMANDS, main
 
 COMMANDS.setdefault("train", ("adapterkit.cli.train", "Train a new adapter."))
@@ -76,8 +76,8 @@ def reference(setup) -> dict[str, np.ndarray]:
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # python -m torch.distributed.run: the workers run this interpreter, whatever the torchrun script's shebang says
+    proc = subprocess.run([*torchrun_command(2), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -126,7 +126,7 @@ def _sync_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from adapterkit.core.train_dist import Dist, sync_gradients
+    from adapterkit.core.train.dist import Dist, sync_gradients
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

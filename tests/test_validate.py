@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import adapterkit
-from adapterkit.core import validate as validate_mod
-from adapterkit.core.manifest import Manifest
-from adapterkit.core.native import TENSOR_FILE
+from adapterkit.core.store import consistency as validate_mod
+from adapterkit.core.format.manifest import Manifest
+from adapterkit.core.store.native import TENSOR_FILE
 from helpers import (
     bert_targets,
     edit_manifest,
@@ -224,7 +224,7 @@ def test_fingerprint_definition():
     """docs/format.md section 6: sha256 over sorted "<module>.weight:<d0>x<d1>" lines, dtype not included."""
     import hashlib
 
-    from adapterkit.core.base_model import fingerprint, targets_fingerprint
+    from adapterkit.core.format.base_model import fingerprint, targets_fingerprint
 
     lines = "a.proj.weight:16x32\nb.proj.weight:32x32\n"
     want = "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
@@ -261,7 +261,9 @@ def test_path_escape_is_rejected_by_the_reader_too(tmp_path):
     manifest = Manifest.from_dict(data)
     manifest.tensors = {"../x.safetensors": manifest.tensors[TENSOR_FILE]}
     report = adapterkit.ValidationReport(str(folder))
-    assert validate_mod._read_tensor_files(folder, manifest, "adapter.json", report) is None
+    from adapterkit.core.store import native
+
+    assert native._read_tensor_files(folder, manifest, "adapter.json", report) is None
     err = only_error(report)
     assert err.code == "path_escape" and err.location == '$.tensors["../x.safetensors"]'
 
@@ -339,9 +341,15 @@ def test_correct_base_passes(tmp_path, tiny_base_dirs):
 
 def test_correct_base_passes_for_conv1d_and_prefixed_checkpoints(tmp_path, tiny_base_dirs):
     assert validate(write_adapter(tmp_path, "gpt2", targets=gpt2_targets()), base=tiny_base_dirs["gpt2"]).valid
-    # BERT: module paths with and without the task model's "bert." prefix both resolve
+    # BERT: the task model's paths ("bert.encoder...") are the live model's; without the prefix, apply would
+    # not find the modules, so validate refuses them too, naming the path the base has
     assert validate(write_adapter(tmp_path, "bert", targets=bert_targets()), base=tiny_base_dirs["bert"]).valid
-    assert validate(write_adapter(tmp_path, "bert2", targets=bert_targets(prefix="")), base=tiny_base_dirs["bert"]).valid
+    report = validate(write_adapter(tmp_path, "bert2", targets=bert_targets(prefix="")), base=tiny_base_dirs["bert"])
+    assert not report.valid and set(error_codes(report)) == {"missing_module"}
+    first = report.errors[0]
+    assert first.location == "encoder.layer.0.attention.self.query"
+    assert "closest module it has is bert.encoder.layer.0.attention.self.query" in str(first)
+    assert "lacks the prefix 'bert.'" in first.hint
 
 
 def test_sharded_base_passes(tmp_path, tiny_base_dirs):
@@ -358,11 +366,11 @@ def test_wrong_base_other_architecture(tmp_path, tiny_base_dirs):
     folder = write_adapter(tmp_path, base_model=LLAMA_BASE)
     report = validate(folder, base=tiny_base_dirs["gpt2"])
     assert not report.valid
-    assert set(error_codes(report)) == {"wrong_base"}
+    assert set(error_codes(report)) == {"wrong_base", "missing_module"}
     by_location = {e.location: e for e in report.errors}
     assert by_location["model_type"].expected == "llama" and by_location["model_type"].found == "gpt2"
-    assert f"{Q0}.weight" in by_location
-    assert "does not exist in the base model" in str(by_location[f"{Q0}.weight"])
+    assert Q0 in by_location and by_location[Q0].code == "missing_module"
+    assert "which the base model does not have" in str(by_location[Q0])
     assert [w.location for w in report.warnings] == ["architecture"]
 
 
@@ -425,7 +433,7 @@ def test_base_without_weights(tmp_path, tiny_base_dirs):
 
 
 def test_base_is_checked_from_headers_only(tmp_path, tiny_base_dirs, monkeypatch):
-    from adapterkit.core import safetensors_io
+    from adapterkit.core.format import safetensors_io
 
     def no_tensor_reads(*args, **kwargs):
         raise AssertionError("validate --base must not read base weights")
@@ -434,7 +442,9 @@ def test_base_is_checked_from_headers_only(tmp_path, tiny_base_dirs, monkeypatch
     monkeypatch.setattr(safetensors_io, "read_tensor", no_tensor_reads)
     monkeypatch.setattr(safetensors_io, "load", no_tensor_reads)
     report = adapterkit.ValidationReport("x")
-    validate_mod.check_base(adapter, tiny_base_dirs["llama"], report)
+    from adapterkit.core.check.validate import check_base
+
+    check_base(adapter, tiny_base_dirs["llama"], report)
     assert report.valid and report.checks
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapterkit.core.demo import number_words
+from adapterkit.core.demo.run import number_words
 from adapterkit.testing import TINY_MODELS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -76,3 +81,78 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def torchrun_command(nproc: int = 2) -> list[str]:
+    """torchrun as ``python -m torch.distributed.run`` with this interpreter: its workers run this same Python
+    (the ``torchrun`` script of a copied virtual environment may name another interpreter in its shebang)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """The environment of a training subprocess: offline, one thread, no progress bars."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+            "PYTHONWARNINGS": "ignore", **extra}
+
+
+def run_checked(args: list[str], cwd: Path, env: Mapping[str, str] | None = None,
+                timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=dict(env or quiet_env()), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): torchrun starts each worker in a session of its own, so
+    killing torchrun's process group would leave the workers running."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children = [int(x) for x in handle.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            out += [child, *descendants(child)]
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL ``proc`` and every process below it; wait until none runs. Returns how many were killed."""
+    doomed = [proc.pid, *descendants(proc.pid)]
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    for pid in doomed[1:]:
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"process {pid} survived SIGKILL"
+            time.sleep(0.05)
+    return len(doomed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``path`` exists (the run reached a test hook), failing if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared: {output[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)

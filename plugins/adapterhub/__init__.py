@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapterkit.core.adapter import Adapter
-from adapterkit.core.formats import Format
-from adapterkit.core.hookspecs import hookimpl
+from adapterkit import require_consistent
+from adapterkit.core.format.adapter import Adapter
+from adapterkit.core.plugin.formats import Format
+from adapterkit.core.plugin.hookspecs import hookimpl
 
 from . import layout as _layout
 
@@ -33,7 +34,7 @@ class AdapterHubFormat(Format):
     def read(self, path: Path, **options: Any) -> Adapter:
         from .reader import read
 
-        return read(Path(path))
+        return require_consistent(read(Path(path)), options.get("registry"), str(path), reader=self.name)
 
     def write(self, adapter: Adapter, path: Path, **options: Any) -> None:
         """Options: ``base`` (local base model folder: exact layer count and hidden size), ``name`` (the adapter

@@ -19,14 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit.core import safetensors_io
-from adapterkit.core.adapter import Adapter, canonical_key
-from adapterkit.core.base_model import targets_fingerprint
+from adapterkit import check_tensor_dims, read_torch_tensors
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.adapter import Adapter, canonical_key
+from adapterkit.core.format.base_model import targets_fingerprint
 from adapterkit.core.errors import (
-    AdapterkitError, FormatError, LossyConversionError, TensorFileError, UnsafeFileError,
+    AdapterkitError, FormatError, LossyConversionError, TensorFileError,
 )
 from adapterkit.core.io import read_json
-from adapterkit.core.manifest import Manifest
+from adapterkit.core.format.manifest import Manifest
 
 from .layout import (
     BIN_NAME, BN_DEFAULTS, BN_PRESETS, CONFIG_NAME, HEAD_FILES, LORA_DEFAULTS, adapter_folder, bottleneck_by_container,
@@ -59,9 +60,11 @@ def read(path: Path) -> Adapter:
     if tensors_path is None:
         raise FormatError("no adapter.safetensors or pytorch_adapter.bin beside adapter_config.json", file=str(folder),
                           hint="copy the adapter's tensor file into the folder", code="missing_file")
-    raw = load_bin(tensors_path) if tensors_path.name == BIN_NAME else safetensors_io.load(tensors_path)[0]
+    raw = (read_torch_tensors(tensors_path, hint="save the adapter again with model.save_adapter(..., use_safetensors=True)")
+           if tensors_path.name == BIN_NAME else safetensors_io.load(tensors_path)[0])
     if not raw:
         raise FormatError("holds no tensors", file=str(tensors_path), code="empty")
+    check_tensor_dims(raw, str(tensors_path))
     config = _method_config(full, str(config_path))
     families = families_for(full.get("model_type"))
     if config.get("architecture") == "lora":
@@ -281,7 +284,7 @@ def _map_params(params: dict[str, tuple[str, np.ndarray]], ln_before: bool, file
 
 def _bn_method_config(config: Mapping[str, Any], sites: set[str], file: str) -> dict[str, Any]:
     """AdapterHub's BnConfig -> adapterkit's bottleneck config (the preset that leaves the fewest fields)."""
-    from adapterkit.plugins.bottleneck.config import minimal, validate_config
+    from adapterkit.plugins.bottleneck import minimal, validate_config
 
     scaling = config.get("scaling", 1.0)
     values = {
@@ -318,7 +321,7 @@ def _bn_method_config(config: Mapping[str, Any], sites: set[str], file: str) -> 
 
 def _check_params(targets: Mapping[str, Any], tensors: Mapping[str, np.ndarray], config: Mapping[str, Any], file: str) -> None:
     """Every target has exactly the params its config implies (ln_before / ln_after / scaling)."""
-    from adapterkit.plugins.bottleneck.method import BottleneckMethod
+    from adapterkit.plugins.bottleneck import BottleneckMethod
 
     method = BottleneckMethod()
     resolved = method.resolve_config(config)
@@ -377,45 +380,3 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def load_bin(path: Path) -> dict[str, np.ndarray]:
-    """``pytorch_adapter.bin`` through torch's weights-only unpickler, and nothing else."""
-    import pickle
-    import warnings
-
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"PK\x03\x04" and not magic.startswith(b"\x80"):  # torch.save: a zip, or a legacy pickle
-        raise TensorFileError("not a torch.save file", file=str(path), expected="a zip archive or a binary pickle",
-                              found=repr(magic), hint="save the adapter again with model.save_adapter", code="bad_pickle")
-    import torch
-
-    from adapterkit.core.torch_bridge import to_numpy
-    from adapterkit.core.torch_pickle import check_torch_file, one_line
-
-    check_torch_file(path)  # every size the pickle claims fits in the file, before torch allocates any
-
-    try:
-        with open(path, "rb") as handle, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = torch.load(handle, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        raise UnsafeFileError(
-            "the pickle needs more than tensors to load (loading it fully could run code); refused", file=str(path),
-            found=(lines[0] if lines else str(exc))[:300],
-            hint="if you trust the file, re-save it with model.save_adapter(..., use_safetensors=True) in a sandbox "
-                 "and read adapter.safetensors instead",
-            code="unsafe_pickle",
-        ) from None
-    except Exception as exc:
-        raise TensorFileError(f"not a readable torch file: {one_line(exc)}", file=str(path),
-                              code="bad_pickle") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise TensorFileError("must hold a dict of tensor name -> tensor", file=str(path), found=type(data).__name__,
-                              code="bad_pickle")
-    try:
-        return {key: to_numpy(value) for key, value in data.items()}
-    except (TypeError, ValueError) as exc:
-        raise TensorFileError(f"tensor dtype not supported: {exc}", file=str(path), code="bad_dtype") from None

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit.core import safetensors_io
-from adapterkit.core.adapter import Adapter, canonical_key
+from adapterkit.core.format import safetensors_io
+from adapterkit.core.format.adapter import Adapter, canonical_key
 from adapterkit.core.errors import FormatError, LossyConversionError, TensorFileError
 from adapterkit.core.io import atomic_write_bytes
 
@@ -135,7 +135,7 @@ def _original(provenance: Mapping[str, Any]) -> dict[str, Any]:
 def _base_info(base: Any) -> Any:
     if base is None:
         return None
-    from adapterkit.core.base_model import BaseModelInfo, read_base_model
+    from adapterkit.core.format.base_model import BaseModelInfo, read_base_model
 
     return base if isinstance(base, BaseModelInfo) else read_base_model(base)
 
@@ -168,7 +168,7 @@ def _one_family(found: Mapping[str, Located], what: str) -> str:
 
 def _lora(adapter: Adapter, name: str, families: tuple[str, ...] | None,
           info: Any) -> tuple[dict[str, Any], dict[str, np.ndarray], str, int]:
-    from adapterkit.plugins.lora.method import lora_scale
+    from adapterkit.plugins.lora import lora_scale
 
     targets = adapter.targets
     use_rslora = bool(adapter.config.get("use_rslora", False))
@@ -252,7 +252,7 @@ def _lora_expected(module: str, families: tuple[str, ...] | None) -> str:
 
 def _bottleneck(adapter: Adapter, name: str, families: tuple[str, ...] | None,
                 info: Any) -> tuple[dict[str, Any], dict[str, np.ndarray], str, int]:
-    from adapterkit.plugins.bottleneck.method import BottleneckMethod
+    from adapterkit.plugins.bottleneck import BottleneckMethod
 
     method = BottleneckMethod()
     cfg = method.resolve_config(adapter.config)
@@ -387,7 +387,7 @@ def _save_bin(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
 
     import torch
 
-    from adapterkit.core.torch_bridge import to_torch
+    from adapterkit.core.format.torch_bridge import to_torch
 
     buffer = io.BytesIO()
     torch.save({key: to_torch(np.ascontiguousarray(array)).clone() for key, array in sorted(tensors.items())}, buffer)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from adapterkit.core.hookspecs import hookimpl
+from adapterkit.core.plugin.hookspecs import hookimpl
 
+from .config import minimal, validate_config
 from .method import BottleneckMethod
 
-__all__ = ["BottleneckMethod", "adapterkit_register_methods"]
+# minimal and validate_config: for the AdapterHub format, which reads and writes bottleneck adapters
+__all__ = ["BottleneckMethod", "adapterkit_register_methods", "minimal", "validate_config"]
 
 
 @hookimpl

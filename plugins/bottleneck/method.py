@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.core.errors import BaseModelError, TensorFileError, UsageError
-from adapterkit.core.method import Method
+from adapterkit.core.plugin.capabilities import RuntimeComposable
+from adapterkit.core.plugin.method import Method
 
 from .config import (
     CONFIG_SCHEMA, DEFAULTS, PRESETS, SITES, TARGET_SCHEMA, bottleneck_size, minimal, preset_defaults, validate_config,
@@ -63,13 +64,12 @@ def param_shapes(hidden: int, size: int, config: Mapping[str, Any]) -> dict[str,
     return shapes
 
 
-class BottleneckMethod(Method):
+class BottleneckMethod(Method, RuntimeComposable):
     """Bottleneck adapters after the attention and/or feed-forward sub-layers, sequential or parallel."""
 
     name = METHOD
     version = "1"
     description = "Bottleneck adapters (Houlsby, Pfeiffer, parallel He et al.): AdapterHub seq_bn / double_seq_bn / par_bn math"
-    mergeable = False
     composition_kinds = ("stack", "average", "weighted_sum")
 
     # ---- torch-free -----------------------------------------------------------
@@ -203,9 +203,9 @@ class BottleneckMethod(Method):
     def unload(self, model: torch.nn.Module) -> torch.nn.Module:
         """Remove every bottleneck site and hook; the model is the base again (nothing was folded in).
 
-        The model's bottleneck handles (``adapterkit.core.session.attached``) are dropped too.
+        The model's bottleneck handles (``adapterkit.core.runtime.inject.attached``) are dropped too.
         """
-        from adapterkit.core.session import attached, detach
+        from adapterkit import attached, detach
 
         from .layer import detach_site, sites
 
@@ -302,7 +302,7 @@ def _named_adapter_params(model: torch.nn.Module, adapter_name: str) -> dict[str
 
 def _adapter_parameter_ids(model: torch.nn.Module) -> set[int]:
     """Parameters of adapters already in the model (any method): injection leaves them as they are."""
-    from adapterkit.core.session import attached
+    from adapterkit import attached
 
     from .layer import sites
 

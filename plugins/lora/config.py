@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "alpha_pattern": {},
     "layers_to_transform": None,
     "init": "default",
+    "target_parameters": [],
 }
 
 # PEFT spellings people will type, with the name to use instead.
@@ -73,6 +74,13 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "description": "Adapt only modules whose layer index (the first all-digit component of the path, "
                            "e.g. 3 in model.layers.3.mlp.up_proj) is listed; null adapts every layer.",
         },
+        "target_parameters": {
+            "type": "array", "items": {"type": "string", "minLength": 1}, "default": [],
+            "description": "Parameters to adapt themselves (PEFT's target_parameters), e.g. a mixture of experts' "
+                           'fused ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]: a parameter matches when '
+                           'its path "<module>.<name>" equals an entry or ends with "." + entry. A 3-d parameter '
+                           "[experts, d1, d2] gets one rank-r pair per expert.",
+        },
         "init": {
             "enum": ["default", "gaussian"], "default": "default",
             "description": 'Initialisation of new adapters: "default" = A kaiming-uniform(a=sqrt(5)), B zeros; '
@@ -85,10 +93,18 @@ TARGET_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["kind", "shape", "r", "alpha"],
     "properties": {
-        "kind": {"enum": ["linear", "conv1d"],
-                 "description": "linear: nn.Linear, weight [out, in]; conv1d: transformers Conv1D, weight [in, out]."},
-        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2,
-                  "description": "The base weight's shape as stored."},
+        "kind": {"enum": ["linear", "conv1d", "parameter"],
+                 "description": "linear: nn.Linear, weight [out, in]; conv1d: transformers Conv1D, weight [in, out]; "
+                                "parameter: the target's path names a parameter itself, [out, in] or "
+                                "[experts, d1, d2] (the expert axis first)."},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 3,
+                  "description": "The base weight's shape as stored (3 dimensions for a stacked parameter only)."},
+        "layout": {"enum": ["out_in", "in_out"], "default": "out_in",
+                   "description": "parameter targets: out_in, each expert's matrix is [out, in] (F.linear(x, W[e])); "
+                                  "in_out, it is [in, out] (x @ W[e], GPT-OSS) and the update is transposed."},
+        "param_index": {"type": "integer", "minimum": 0, "default": 0,
+                        "description": "parameter targets: the parameter's position among its module's parameters "
+                                       "(registration order; PEFT nests its wrappers in this order)."},
         "r": {"type": "integer", "minimum": 1, "description": "Rank of this module's update."},
         "alpha": {"type": "number", "exclusiveMinimum": 0, "description": "alpha of this module (scale = alpha / r)."},
     },
@@ -186,6 +202,17 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
                         layers, "e.g. layers_to_transform=[0, 1]")
         layers = [int(i) for i in layers]
     out["layers_to_transform"] = layers
+
+    params = out["target_parameters"]
+    if isinstance(params, (set, frozenset, tuple)):
+        params = sorted(params)
+    if not isinstance(params, list) or not all(isinstance(n, str) and n for n in params):
+        raise _fail("target_parameters", "target_parameters must be a list of parameter names", params,
+                    'e.g. target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]')
+    out["target_parameters"] = list(params)
+    if params and out["dropout"]:
+        raise _fail("dropout", "dropout cannot apply to LoRA on parameters (the update is added to the weight)",
+                    out["dropout"], "pass dropout=0 with target_parameters (PEFT refuses it too)")
 
     if out["init"] not in ("default", "gaussian"):
         raise _fail("init", 'init must be "default" or "gaussian"', out["init"],

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from adapterkit.core.plugin.capabilities import MergedWeight
+
 from .config import CONFIG_SCHEMA
-from .method import LoraMethod
+from .method import LoraFamily
 from .targeting import in_out_features
 
 DORA_CONFIG_SCHEMA: dict[str, Any] = {
@@ -35,16 +37,17 @@ DORA_CONFIG_SCHEMA: dict[str, Any] = {
 }
 
 
-class DoraMethod(LoraMethod):
-    """Weight-decomposed LoRA: LoRA's direction update plus a learned per-output magnitude."""
+class DoraMethod(LoraFamily, MergedWeight):
+    """Weight-decomposed LoRA: LoRA's direction update plus a learned per-output magnitude.
+
+    Not :class:`~adapterkit.LowRank`: the magnitude rescales ``W + dW`` row by row, so the
+    update depends on the base weight (and DoRA adapters do not add up: no runtime composition).
+    """
 
     name = "dora"
     version = "1"
     description = "DoRA: LoRA direction update with a learned per-output magnitude m (mergeable, not additive)"
-    mergeable = True
     params = ("A", "B", "magnitude")
-    #: a DoRA update rescales W + dW row by row, so DoRA adapters do not add up: no runtime composition
-    composition_kinds = ()
 
     def config_schema(self) -> dict[str, Any]:
         return DORA_CONFIG_SCHEMA
@@ -53,11 +56,6 @@ class DoraMethod(LoraMethod):
         shapes = super().expected_tensors(module, target, config)
         _, fan_out = in_out_features(target.get("kind", "linear"), target["shape"])
         return {**shapes, f"{module}.dora.magnitude": (fan_out,)}
-
-    def delta_weight(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],
-                     tensors: Mapping[str, np.ndarray]) -> None:
-        """None: DoRA's merge is not an additive update (see :meth:`merged_weight`)."""
-        return None
 
     def merged_weight(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any],
                       tensors: Mapping[str, np.ndarray], base_weight: np.ndarray) -> np.ndarray:
@@ -72,7 +70,7 @@ class DoraMethod(LoraMethod):
             raise TensorFileError(f"DoRA magnitude of {module} is missing", location=f"{module}.dora.magnitude",
                                   found=sorted(tensors), code="missing_tensor")
         work = np.float64 if np.asarray(base_weight).dtype == np.float64 else np.float32
-        delta = LoraMethod.delta_weight(self, module, target, config, tensors).astype(work, copy=False)
+        delta = self.factors(module, target, config, tensors).delta(target.get("kind", "linear")).astype(work, copy=False)
         return dora_merge(np.asarray(base_weight, dtype=work), delta, np.asarray(magnitude, dtype=work),
                           conv1d=target.get("kind") == "conv1d")
 

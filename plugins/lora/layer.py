@@ -29,32 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit.core.format.targeting import CONV1D, LINEAR  # noqa: F401  (re-exported for the quant helpers)
+from adapterkit import module_kind, replace_module  # noqa: F401  (re-exported)
+
 from . import dora_math, quant
 from .targeting import in_out_features
-
-LINEAR = "linear"
-CONV1D = "conv1d"
-
-
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for plain torch models
-        return None
-    return Conv1D
-
-
-def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d"`` (transformers Conv1D, weight ``[in, out]``) or None if unsupported.
-
-    A bitsandbytes ``Linear4bit`` is an ``nn.Linear`` subclass: ``"linear"`` (its weight is used in ``[out, in]``).
-    """
-    if isinstance(module, nn.Linear):
-        return LINEAR
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return CONV1D
-    return None
 
 
 def describe(module: nn.Module) -> tuple[str, list[int]] | None:
@@ -316,19 +295,15 @@ class LoraLayer(nn.Module):
 
 # ---- model-level helpers ----------------------------------------------------
 
-def lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, LoraLayer]]:
-    """(path, layer) of every LoRA wrapper in ``model`` (holding ``adapter_name`` when given)."""
-    return [
-        (path, module) for path, module in model.named_modules()
-        if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.lora_A)
-    ]
+def lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, Any]]:
+    """(path, layer) of every LoRA wrapper in ``model`` (holding ``adapter_name`` when given): the
+    ``LoraLayer`` of each adapted module and the ``LoraParameter`` of each adapted parameter (its path)."""
+    from .param_layer import parameter_layers
 
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` inside ``model``."""
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
+    layers: list[tuple[str, Any]] = [(path, module) for path, module in model.named_modules()
+                                     if isinstance(module, LoraLayer)]
+    layers += parameter_layers(model)
+    return [(path, layer) for path, layer in layers if adapter_name is None or adapter_name in layer.lora_A]
 
 
 def wrap(model: nn.Module, path: str, module: nn.Module) -> LoraLayer:

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from adapterkit.core.errors import UsageError
+from adapterkit.core.plugin.capabilities import MergedWeight, QuantizedBase, TraceExport
 
 from .config import ALIASES, CONFIG_SCHEMA, DEFAULTS, validate_config
-from .method import LoraMethod
+from .method import KINDS, LoraMethod
 
 QUANT_DEFAULTS: dict[str, Any] = {
     "quant_type": "nf4",
@@ -115,13 +116,18 @@ def _choice(key: str, value: Any, choices: tuple[str, ...], hint: str) -> None:
         raise _fail(key, f"{key} must be one of {list(choices)}", value, f"pass {hint}")
 
 
-class QloraMethod(LoraMethod):
-    """LoRA on a 4-bit quantised base (bitsandbytes NF4 / FP4)."""
+class QloraMethod(LoraMethod, MergedWeight, QuantizedBase, TraceExport):
+    """LoRA on a 4-bit quantised base (bitsandbytes NF4 / FP4).
+
+    Its update is LoRA's (:class:`~adapterkit.LowRank`: served, composed and lowered as LoRA);
+    merging writes ``Q(W) + scale * B @ A``, the model that was trained.
+    """
 
     name = "qlora"
     version = "1"
     description = "QLoRA: LoRA on a 4-bit (NF4/FP4, bitsandbytes) quantised base; merges as Q(W) + scale * B @ A"
-    mergeable = True
+    carried_config = tuple(QUANT_DEFAULTS)
+    kinds = KINDS  # a 4-bit base holds linear layers only
     #: unmerge restores the 4-bit base bit for bit (the Linear4bit is kept while merged)
     exact_unmerge = True
 
@@ -192,11 +198,20 @@ class QloraMethod(LoraMethod):
         bitsandbytes' 4-bit matmul cannot be traced to ONNX; the dense stand-ins compute the
         same function in float32. Everything is put back on exit.
         """
+        import adapterkit
+
         from .layer import LoraLayer, replace_module
         from .quant import dense_linear, dequantize, is_quantized
 
-        with super().prepare_export(model, mode, adapter_name) as traced:
-            swapped = []
+        if mode != "merged":
+            raise UsageError(f"method {self.name!r} has no ONNX export mode {mode!r}", expected="merged",
+                             code="bad_mode")
+        handle = adapterkit.attached(model).get(adapter_name)
+        merge, unmerge = ((handle.merge, handle.unmerge) if handle is not None
+                          else (lambda: self.merge(model, adapter_name), lambda: self.unmerge(model, adapter_name)))
+        merge()
+        traced, swapped = model, []
+        try:
             for path, module in list(traced.named_modules()):
                 if is_quantized(module) and path:
                     parent = traced.get_submodule(path.rpartition(".")[0]) if "." in path else traced
@@ -206,14 +221,14 @@ class QloraMethod(LoraMethod):
                     else:
                         replace_module(traced, path, dense_linear(module, dequantize(module)))
                         swapped.append((traced, module, path))
-            try:
-                yield traced
-            finally:
-                for owner, module, path in reversed(swapped):
-                    if path is None:
-                        owner.base_layer = module
-                    else:
-                        replace_module(owner, path, module)
+            yield traced
+        finally:
+            for owner, module, path in reversed(swapped):
+                if path is None:
+                    owner.base_layer = module
+                else:
+                    replace_module(owner, path, module)
+            unmerge()
 
 
 def _meta_model(base_dir: Any) -> Any:

@@ -47,13 +47,14 @@ def test_plugins_lists_ia3_next_to_the_built_ins():
     entries = json.loads(result.stdout)
     names = [e["name"] for e in entries]
     ia3 = entries[names.index("ia3")]
-    assert ia3["distribution"] == "adapterkit-ia3" and ia3["version"] == "0.1.0" and ia3["module"] == "adapterkit_ia3"
-    assert ia3["methods"] == ["ia3"] and ia3["formats"] == ["peft-ia3"] and ia3["errors"] == []
-    assert ia3["method_capabilities"] == {"ia3": {"merge": True, "compose": ["linear"], "runtime_composition": [],
+    assert ia3["distribution"] == "adapterkit-ia3" and ia3["version"] == "0.2.0" and ia3["module"] == "adapterkit_ia3"
+    assert ia3["methods"] == ["ia3"] and ia3["formats"] == [] and ia3["codecs"] == ["peft:IA3"] and ia3["errors"] == []
+    assert ia3["method_capabilities"] == {"ia3": {"capabilities": ["MergedWeight", "MergedBias", "Composable"],
+                                                  "merge": True, "compose": ["linear"], "runtime_composition": [],
                                                   "adapter_pool": False}}
     assert names.index("lora") < names.index("ia3")  # built-ins first, then third parties
     text = run_cli("plugins").stdout
-    assert "ia3  [ok]  adapterkit-ia3 0.1.0  (adapterkit_ia3)" in text
+    assert "ia3  [ok]  adapterkit-ia3 0.2.0  (adapterkit_ia3)" in text
     assert run_cli("schema", "--method", "ia3").returncode == 0
 
 
@@ -80,26 +81,31 @@ def test_validate_and_inspect(work):
     assert result.exit_code == 1 and "target_modulez" in result.stdout
 
 
-def test_convert_to_and_from_peft_ia3(work):
+def test_convert_to_and_from_peft(work):
+    """The built-in peft format writes and reads PEFT IA3 folders through the plugin's codec."""
     root, paths = work
     base, adapter = paths["gpt2"]
     peft_dir, back = root / "conv-peft", root / "conv-back"
-    result = cli("convert", str(adapter), str(peft_dir), "--to", "peft-ia3")
+    result = cli("convert", str(adapter), str(peft_dir), "--to", "peft")
     assert result.exit_code == 0, result.output
     assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    import peft
+
+    inputs = sample_inputs()
+    theirs = outputs(peft.PeftModel.from_pretrained(TINY_MODELS["gpt2"](0), str(peft_dir)).eval(), inputs)
+    ours = outputs(adapterkit.apply(adapterkit.load(adapter), TINY_MODELS["gpt2"](0)), inputs)
+    assert (theirs - ours).abs().max().item() <= 1e-5
     result = cli("validate", str(peft_dir), "--base", str(base))  # auto-detected
-    assert result.exit_code == 0 and "(peft-ia3, ia3)" in result.stdout, result.output
+    assert result.exit_code == 0 and "(peft, ia3)" in result.stdout, result.output
     result = cli("validate", str(peft_dir))
     assert result.exit_code == 1 and "base model is needed" in result.stdout
-    result = cli("convert", str(peft_dir), str(back), "--to", "adapterkit", "--base", str(base))
+    result = cli("convert", str(peft_dir), str(back), "--from", "peft", "--to", "adapterkit", "--base", str(base))
     assert result.exit_code == 0, result.output
     one, two = adapterkit.load(adapter), adapterkit.load(back)
     assert one.targets == two.targets and sorted(one.tensors) == sorted(two.tensors)
     for key in one.tensors:
         assert one.tensors[key].tobytes() == two.tensors[key].tobytes(), key
     assert cli("validate", str(back)).exit_code == 0
-    result = cli("convert", str(adapter), str(root / "to-peft"), "--to", "peft")  # the built-in LoRA PEFT writer
-    assert result.exit_code == 1 and "ia3" in result.output
 
 
 def merged_logits_match(base: Path, adapter: Path, merged: Path, kind: str) -> float:

@@ -1,5 +1,5 @@
-"""The peft-ia3 format against the real PEFT: PEFT loads what we write, we read what PEFT writes (1e-5),
-and our keys, shapes and config fields are PEFT's own."""
+"""The plugin's PEFT IA3 codec (adapterkit's ``peft`` format, ``peft_type`` IA3) against the real PEFT: PEFT loads
+what we write, we read what PEFT writes (1e-5), and our keys, shapes and config fields are PEFT's own."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_peft_loads_what_we_write(kind, tmp_path):
     perturb(handle.parameters(), seed=2, scale=0.5)
     inputs = sample_inputs()
     ours = outputs(model, inputs)
-    folder = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft-ia3")
+    folder = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft")
     theirs = outputs(peft.PeftModel.from_pretrained(TINY_MODELS[kind](0), str(folder)).eval(), inputs)
     diff = (theirs - ours).abs().max().item()
     PARITY.setdefault(kind, {})["ours->peft"] = diff
@@ -62,9 +62,9 @@ def test_we_read_what_peft_writes(kind, tmp_path):
     folder, peft_model = peft_written(kind, tmp_path / "peft")
     base = tmp_path / "base"
     TINY_MODELS[kind](0).save_pretrained(base)
-    assert adapterkit.detect_format(folder) == "peft-ia3"
+    assert adapterkit.detect_format(folder) == "peft"
     report = adapterkit.validate(folder, base=base)
-    assert report.valid and report.format == "peft-ia3", [str(e) for e in report.errors]
+    assert report.valid and report.format == "peft", [str(e) for e in report.errors]
     adapter = adapterkit.load(folder, base=base)
     assert adapter.method == "ia3"
     inputs = sample_inputs()
@@ -77,13 +77,15 @@ def test_we_read_what_peft_writes(kind, tmp_path):
     again = adapterkit.load(folder, base=TINY_MODELS[kind](0))
     assert again.targets == adapter.targets
     # and back: byte-identical tensors, the same keys and shapes PEFT wrote
-    out = adapterkit.save(adapter, tmp_path / "back", format="peft-ia3")
+    out = adapterkit.save(adapter, tmp_path / "back", format="peft")
     from safetensors.numpy import load_file  # the reference library reads both files
 
     theirs, ours_back = load_file(folder / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert sorted(theirs) == sorted(ours_back)
     for key in theirs:
         assert theirs[key].shape == ours_back[key].shape and theirs[key].tobytes() == ours_back[key].tobytes(), key
+    # the config too: PEFT's own fields come back (the original is kept where it still says the same)
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads((folder / "adapter_config.json").read_text())
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -92,7 +94,7 @@ def test_layout_and_config_match_peft(kind, tmp_path):
     folder, _ = peft_written(kind, tmp_path / "peft")
     model = TINY_MODELS[kind](0)
     handle = adapterkit.inject(model, "ia3", CONFIGS[kind])
-    ours = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft-ia3")
+    ours = adapterkit.save(handle.to_adapter(), tmp_path / "ours", format="peft")
     from safetensors.numpy import load_file
 
     theirs_t, ours_t = load_file(folder / "adapter_model.safetensors"), load_file(ours / "adapter_model.safetensors")
@@ -109,13 +111,18 @@ def test_layout_and_config_match_peft(kind, tmp_path):
     assert isinstance(loaded, peft.IA3Config) and loaded.peft_type == peft.PeftType.IA3
 
 
-def test_builtin_peft_format_does_not_claim_ia3_folders(tmp_path):
+def test_the_peft_format_reads_ia3_through_this_plugin_only(tmp_path):
+    """The built-in peft format dispatches peft_type IA3 to this plugin's codec; without the plugin the folder is
+    still a PEFT folder, refused with the peft types that are installed."""
     folder, _ = peft_written("llama", tmp_path / "peft")
     registry = adapterkit.default_registry()
-    assert not registry.format("peft").detect(folder)
-    with pytest.raises(adapterkit.FormatError, match="not a PEFT LoRA config") as info:
-        adapterkit.load(folder, format="peft")
-    assert "IA3" in str(info.value)
+    assert type(registry.codec("peft", "IA3")).__module__ == "adapterkit_ia3.peft_codec"
+    assert registry.codec_for("peft", "ia3") is registry.codec("peft", "IA3")
+    without = adapterkit.Registry(*adapterkit.get_plugin_manager(only={n for n in registry.plugins if n != "ia3"}))
+    assert "ia3" not in without.methods and adapterkit.detect_format(folder, without) == "peft"
+    with pytest.raises(adapterkit.FormatError, match="no installed plugin reads PEFT IA3 adapters") as info:
+        adapterkit.load(folder, registry=without, base=tmp_path)
+    assert info.value.location == "$.peft_type" and "LORA" in info.value.expected and "codec" in info.value.hint
 
 
 def test_reading_needs_the_base_and_refuses_extra_weights(tmp_path):
@@ -129,11 +136,14 @@ def test_reading_needs_the_base_and_refuses_extra_weights(tmp_path):
         adapterkit.load(tmp_path / "cls", base=TINY_MODELS["bert"](0))
 
 
-def test_only_ia3_adapters_are_written(tmp_path):
+def test_what_peft_ia3_cannot_hold_is_refused_before_writing(tmp_path):
     model = TINY_MODELS["llama"](0)
-    handle = adapterkit.inject(model, "lora", {"r": 2, "target_modules": ["q_proj"]})
-    with pytest.raises(adapterkit.LossyConversionError, match="holds \\(IA\\)\\^3 adapters"):
-        adapterkit.save(handle.to_adapter(), tmp_path / "x", format="peft-ia3")
+    adapter = adapterkit.inject(model, "ia3", CONFIGS["llama"]).to_adapter()
+    key = next(iter(adapter.tensors))
+    adapter.tensors[key.replace(".ia3.l", ".ia3.extra")] = adapter.tensors.pop(key)
+    with pytest.raises(adapterkit.LossyConversionError, match="IA3 layout cannot hold this 'ia3' adapter") as info:
+        adapterkit.save(adapter, tmp_path / "x", format="peft")
+    assert key in str(info.value)
     assert not (tmp_path / "x").exists()
 
 

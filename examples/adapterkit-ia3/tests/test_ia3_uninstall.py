@@ -55,7 +55,7 @@ def test_uninstalling_removes_ia3_from_every_command(venv, tmp_path):
     adapter = adapterkit.save(handle.to_adapter(), tmp_path / "ia3-adapter")
     base = tmp_path / "base"
     TINY_MODELS["llama"](0).save_pretrained(base)
-    peft_dir = adapterkit.save(handle.to_adapter(), tmp_path / "ia3-peft", format="peft-ia3")
+    peft_dir = adapterkit.save(handle.to_adapter(), tmp_path / "ia3-peft", format="peft")
 
     # before: the throwaway venv does not have it
     listed = json.loads(run_cli("plugins", "--json", python=str(venv)).stdout)
@@ -87,6 +87,7 @@ def test_uninstalling_removes_ia3_from_every_command(venv, tmp_path):
     result = run_cli("train", "--base", str(base), "--method", "ia3", "--data", str(adapter / "adapter.json"),
                      "-o", str(tmp_path / "t"), python=str(venv))
     assert result.returncode in (1, 2) and "ia3" in result.stdout + result.stderr and "Traceback" not in result.stderr
-    result = run_cli("validate", str(peft_dir), python=str(venv))  # no format claims a PEFT IA3 folder any more
-    assert result.returncode == 1 and "no installed format recognises this path" in result.stdout
+    result = run_cli("validate", str(peft_dir), python=str(venv))  # still a PEFT folder, but no codec reads IA3
+    assert result.returncode == 1 and "no installed plugin reads PEFT IA3 adapters" in result.stdout, result.stdout
+    assert "LORA" in result.stdout and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()

@@ -1,4 +1,4 @@
-"""adapterkit-ia3: the (IA)^3 method and the PEFT IA3 format as an adapterkit plugin.
+"""adapterkit-ia3: the (IA)^3 method, and its codec for adapterkit's PEFT format, as an adapterkit plugin.
 
 The entry point ``ia3`` (group ``adapterkit``) names this module; adapterkit calls
 its two hooks. Importing it never imports torch (``adapterkit_ia3.layer`` does,
@@ -12,13 +12,13 @@ from collections.abc import Callable
 import adapterkit
 
 from .method import Ia3Method
-from .peft_format import PeftIa3Format
+from .peft_codec import Ia3PeftCodec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 #: the adapterkit plugin API this plugin targets (adapterkit.PLUGIN_API_VERSION)
-ADAPTERKIT_PLUGIN_API = "1"
+ADAPTERKIT_PLUGIN_API = "2"
 
-__all__ = ["ADAPTERKIT_PLUGIN_API", "Ia3Method", "PeftIa3Format", "adapterkit_register_formats",
+__all__ = ["ADAPTERKIT_PLUGIN_API", "Ia3Method", "Ia3PeftCodec", "adapterkit_register_codecs",
            "adapterkit_register_methods"]
 
 
@@ -29,6 +29,6 @@ def adapterkit_register_methods(register: Callable[..., None]) -> None:
 
 
 @adapterkit.hookimpl
-def adapterkit_register_formats(register: Callable[..., None]) -> None:
-    """Register the ``peft-ia3`` format."""
-    register(PeftIa3Format())
+def adapterkit_register_codecs(register: Callable[..., None]) -> None:
+    """Register the PEFT ``IA3`` codec: ``adapterkit convert ... --to peft`` writes PEFT's IA3 folders."""
+    register(Ia3PeftCodec())

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit import Adapter, BaseModelError, Method, TensorFileError, UsageError
+from adapterkit import (
+    Adapter, BaseModelError, Composable, MergedBias, MergedWeight, Method, TensorFileError, UsageError,
+)
 
 KINDS = ("linear", "conv1d")
 PARAM = "l"
@@ -91,13 +93,12 @@ def _union(rules: list[Any], paths: list[str]) -> Any:
     return paths
 
 
-class Ia3Method(Method):
+class Ia3Method(Method, MergedWeight, MergedBias, Composable):
     """(IA)^3: learned rescaling of keys, values and feed-forward activations (mergeable)."""
 
     name = "ia3"
     version = "1"
     description = "(IA)^3: learned scaling vectors on outputs (k, v) or inputs (feed-forward) of linear / Conv1D modules (mergeable)"
-    mergeable = True
     compose_strategies = ("linear",)
 
     # ---- torch-free ---------------------------------------------------------

@@ -1,0 +1,1 @@
+"""adapterkit.core.check: validation: validate, inspect, the runtime targets."""

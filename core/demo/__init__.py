@@ -1,0 +1,1 @@
+"""adapterkit.core.demo: the demo and the real pretrained models it prepares."""

@@ -1,0 +1,1 @@
+"""adapterkit.core.export: ONNX export: tracing, swappable LoRA inputs, the export folder."""

@@ -1,0 +1,1 @@
+"""adapterkit.core.format: the data model and its files: adapter, manifest, tensor files, base-model headers, composition blocks."""

@@ -1,0 +1,1 @@
+"""adapterkit.core.ops: adapters combined and folded: merge into the base, compose."""

@@ -1,0 +1,1 @@
+"""adapterkit.core.store: adapters in and out of files: load, save, convert, the native format, composition folders."""

@@ -1,0 +1,162 @@
+"""What the ``peft`` format hands a codec: the parsed folder and PEFT's rules, so that a codec never imports
+this plugin (docs/plugins.md, "The PEFT codec context", is the reference: these are public API).
+
+:class:`PeftReadContext` goes to ``Codec.read``, :class:`PeftWriteContext` to ``Codec.write``; both
+share the fields and helpers of :class:`PeftContext`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adapterkit import Adapter, Manifest, pattern_value, targets_fingerprint
+
+from . import files, rules, selection
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.core.plugin.registry import Registry
+
+    from .releases import PeftRelease
+
+
+@dataclass
+class PeftContext:
+    """The helpers every codec gets (PEFT's key and module-matching rules)."""
+
+    #: the adapter folder (reading: the source; writing: the folder being written)
+    folder: Path
+    #: the layout being read or written (the codec's key, e.g. ``"LORA"``)
+    peft_type: str
+    #: the registry in use (methods, other codecs)
+    registry: Registry
+    #: the ``base`` option: a local Hugging Face model folder, a ``BaseModelInfo``, a live torch model, or None
+    base: Any = None
+
+    #: how PEFT prefixes every tensor key
+    KEY_PREFIX = rules.KEY_PREFIX
+
+    def key(self, module: str, leaf: str) -> str:
+        """The file key of ``leaf`` (e.g. ``"lora_A.weight"``) of ``module``: ``base_model.model.<module>.<leaf>``."""
+        return f"{rules.KEY_PREFIX}{module}.{leaf}"
+
+    def module_of(self, key: str, leaf: str) -> str | None:
+        """The module of a file key ending in ``.<leaf>`` (``base_model.model.`` and the leaf stripped), else None."""
+        if not key.startswith(rules.KEY_PREFIX) or not key.endswith(f".{leaf}"):
+            return None
+        module = key[len(rules.KEY_PREFIX): -len(leaf) - 1]
+        return module or None
+
+    def pattern_value(self, module: str, patterns: Mapping[str, Any] | None, default: Any) -> Any:
+        """The value PEFT gives ``module`` from a ``rank_pattern``-style map (first key ``k`` with
+        ``re.match(rf"(.*\\.)?({k})$", module)``), else ``default``."""
+        return pattern_value(module, patterns or {}, default)
+
+    def selects(self, config: Mapping[str, Any], module: str) -> bool:
+        """Whether PEFT adapts ``module`` under ``config``'s target_modules, exclude_modules,
+        layers_to_transform and layers_pattern."""
+        return rules.selects(config, module)
+
+    def layer_index(self, module: str, layers_pattern: Any = None) -> int | None:
+        """The layer number PEFT reads from ``module`` for ``layers_to_transform``."""
+        return rules.layer_index(module, layers_pattern)
+
+    def task(self, task_type: Any) -> str | None:
+        """The manifest task of a PEFT ``task_type`` (``"CAUSAL_LM"`` -> ``"causal-lm"``), None when unknown."""
+        return rules.task_of(task_type)
+
+
+@dataclass
+class PeftReadContext(PeftContext):
+    """A PEFT folder being read: its config and tensors, untouched."""
+
+    #: the parsed adapter_config.json (strict JSON; the selection fields already checked)
+    config: dict[str, Any] = field(default_factory=dict)
+    #: paths for messages
+    config_file: str = ""
+    tensors_file: str = ""
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        return files.read_tensors(Path(self.tensors_file))
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the file under its own key, as numpy arrays (loaded on first use). Empty tensors
+        are not refused here: call ``adapterkit.check_tensor_dims(tensors, ctx.tensors_file)`` on what must
+        not be empty."""
+        return self._loaded[0]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` (``{}`` for ``adapter_model.bin``)."""
+        return self._loaded[1]
+
+    def adapter(self, method: str, config: dict[str, Any], targets: dict[str, dict[str, Any]],
+                tensors: dict[str, np.ndarray], dtype: str, *, base_model: Mapping[str, Any] | None = None,
+                warnings: Iterable[str] = ()) -> Adapter:
+        """An :class:`adapterkit.Adapter` with the fields every PEFT reader fills (:func:`finish`)."""
+        manifest = Manifest(method=method, config=config, targets=targets, dtype=dtype, base_model=dict(base_model or {}))
+        return finish(Adapter(manifest, tensors, warnings=list(warnings)), self)
+
+
+@dataclass
+class PeftWriteContext(PeftContext):
+    """A PEFT folder being written."""
+
+    #: the PEFT config the adapter was read from, when it has this peft_type (else ``{}``): keep its values
+    original: dict[str, Any] = field(default_factory=dict)
+    #: safetensors metadata for the codec to fill (PEFT's ``{"format": "pt"}`` is added)
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: the PEFT release written for (the ``peft_version`` option), or None for the newest: its config
+    #: fields, ``init_lora_weights`` strings and pattern matching (:class:`.releases.PeftRelease`)
+    release: PeftRelease | None = None
+
+    def selection(self, modules: Iterable[str], wanted: Any = None, layers: Any = None,
+                  layered: bool = True) -> dict[str, Any]:
+        """``target_modules``, ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` that select
+        exactly ``modules``: the original's when they do, else ``wanted`` (the method config's names or
+        regex) with ``layers``, else last names, else an exact regex; checked against every module of the
+        base when the ``base`` option is given. ``layered=False`` for a peft_type whose config has no
+        ``layers_to_transform`` / ``layers_pattern`` (IA3): then only the other two are returned. With a
+        :attr:`release`, only forms every PEFT release reads alike: ``target_modules`` names or an exact
+        regex (the others ``None``)."""
+        universe = selection.module_universe(self.base)
+        return selection.selection(modules, self.original, wanted, layers, universe, layered,
+                                   portable=self.release is not None)
+
+    def patterns(self, values: Mapping[str, Any], keep: tuple[Any, Mapping[str, Any] | None] | None = None
+                 ) -> tuple[Any, dict[str, Any]]:
+        """``(default, pattern map)`` under which PEFT gives each module of ``values`` its value: ``keep``
+        (e.g. ``(original["r"], original["rank_pattern"])``) when it still does, else the most common value
+        and one entry per other module."""
+        return selection.patterns(values, keep)
+
+    def pattern_values(self, module: str, maps: Mapping[str, tuple[Any, Mapping[str, Any] | None]]) -> dict[str, Any]:
+        """The value PEFT gives ``module`` for each ``name: (default, pattern map)`` (e.g. ``{"r": (r,
+        rank_pattern), "lora_alpha": (lora_alpha, alpha_pattern)}``), under the :attr:`release`'s matching
+        (before 0.14 one key, found over all the maps, serves every map) or, without one, the newest."""
+        if self.release is not None:
+            return self.release.pattern_values(module, maps)
+        return {name: pattern_value(module, pattern or {}, default) for name, (default, pattern) in maps.items()}
+
+
+def finish(adapter: Adapter, context: PeftReadContext) -> Adapter:
+    """The fields every PEFT reader fills, where the codec left them empty: ``base_model.fingerprint``
+    (of the targets), ``name`` / ``revision`` (base_model_name_or_path, revision), ``task`` (task_type),
+    ``provenance.converted_from = {"format": "peft", "config": <the config>}``, source and source format."""
+    manifest, config = adapter.manifest, context.config
+    manifest.base_model.setdefault("fingerprint", targets_fingerprint(manifest.targets))
+    for name, key in (("name", "base_model_name_or_path"), ("revision", "revision")):
+        if isinstance(config.get(key), str) and config[key]:
+            manifest.base_model.setdefault(name, config[key])
+    if manifest.task is None:
+        manifest.task = rules.task_of(config.get("task_type"))
+    manifest.provenance["converted_from"] = {"format": "peft", "config": config}
+    adapter.source, adapter.source_format = context.folder, "peft"
+    return adapter
