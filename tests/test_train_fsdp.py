@@ -154,6 +154,35 @@ def test_sigkill_of_the_torchrun_tree_while_writing_a_checkpoint(setup, straight
     assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-6"]
 
 
+# train() owning the group leaves it with its threads joined; the gloo threads it names, one line per rank
+THREADS_LEFT = """
+import json, os, sys
+from adapterkit.core.train.run import train
+
+base, data, fsdp = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp"
+train(base, "lora", data, None, config={"r": 4}, max_steps=2, batch_size=7, eval_every=1, fsdp=fsdp)
+names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print(json.dumps({"rank": int(os.environ["RANK"]), "gloo": sorted(n for n in names if "gloo" in n)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+@pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
+def test_the_process_group_is_gone_with_its_threads_when_train_returns(setup, sharding):
+    """A gloo worker thread alive at interpreter shutdown can abort the process as it drops a finished
+    collective (exit -6, "terminate called without an active exception"; seen on rank 1 in CI-like runs).
+    train() ends with a barrier and frees the group it created: torch.distributed.nn imported after the group
+    (transformers does, while loading the model) and DTensor's caches (FSDP) kept it, and its threads, alive."""
+    root = setup["root"] / f"threads-{sharding}"
+    root.mkdir()
+    script = root / "threads.py"
+    script.write_text(THREADS_LEFT)
+    proc = run_checked([*torchrun_command(2), str(script), str(setup["base"]), str(setup["data"]), sharding], root)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(row["rank"] for row in rows) == [0, 1]
+    assert all(row["gloo"] == [] for row in rows), rows
+
+
 # ---- without a process group ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kind", "paths"), [

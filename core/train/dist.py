@@ -13,11 +13,22 @@ of rows or tokens between ranks (DDP averages per-rank means instead, which
 differs when ranks hold different token counts, and it cannot serve a rank
 whose share of a short last batch is empty).
 
+Leaving the group is as careful as joining it. A gloo group runs its collectives
+on worker threads, and a worker drops its reference to a finished collective (and
+with it the tensors, which takes the GIL) just after the waiting rank is woken: a
+process that ends right after its last collective can reach interpreter shutdown
+first, and the worker then aborts the process ("terminate called without an
+active exception", exit -6; seen on rank 1 while rank 0 was still saving).
+:func:`finish` ends a run with a barrier (whose work holds no tensors), and
+:func:`teardown` frees the group so that its threads are joined before the
+process exits (:func:`_release_group`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +84,7 @@ def setup(device: str = "auto") -> Dist:
                 raise UsageError("WORLD_SIZE > 1 but this torch build has no torch.distributed", code="no_dist")
             if use_cuda:
                 torch.cuda.set_device(local_rank)
+            _bind_defaults_before_the_group()
             try:
                 dist.init_process_group("nccl" if use_cuda else "gloo")
             except (ValueError, RuntimeError) as exc:
@@ -84,9 +96,43 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, target, owns)
 
 
+def _bind_defaults_before_the_group() -> None:
+    """Import ``torch.distributed.nn`` before the group exists (transformers imports it while loading a model).
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated at import: imported after
+    ``init_process_group`` they keep the group alive for the life of the process, and destroying it then
+    cannot stop its threads.
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
+def _release_group() -> None:
+    """Drop the references torch itself keeps to a destroyed group, so that it is freed and its threads joined.
+
+    FSDP's sharded parameters are DTensors; DTensor's sharding propagation caches hold their specs, and
+    through the device mesh, the group. Clearing them (with the helper torch keeps for that in
+    ``torch.distributed.tensor.debug``) and collecting lets the group go.
+    """
+    if "torch.distributed.tensor" in sys.modules:
+        try:
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+        except ImportError:  # pragma: no cover - a torch without it keeps the caches; finish()'s barrier still holds
+            pass
+        else:
+            _clear_sharding_prop_cache()
+    gc.collect()
+
+
+def finish(ctx: Dist) -> None:
+    """Every rank has ended its last collective before any returns (the end of a successful run)."""
+    if ctx.world > 1:
+        dist.barrier()
+
+
 def teardown(ctx: Dist) -> None:
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+        _release_group()
 
 
 def all_reduce_sum(ctx: Dist, tensor: torch.Tensor) -> torch.Tensor:

@@ -199,7 +199,9 @@ def train(
         train_dist.agree(ctx, failure is None, "checking the outputs")
         if failure is not None:
             raise failure
-        return _train(base_path, plugin, resolved, dataset, val_dataset, out_path, opts, registry, ctx, say)
+        result = _train(base_path, plugin, resolved, dataset, val_dataset, out_path, opts, registry, ctx, say)
+        train_dist.finish(ctx)
+        return result
     finally:
         train_dist.teardown(ctx)
 
