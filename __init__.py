@@ -46,6 +46,9 @@ _LAZY = {
     "bench_adapter": "adapterkit.core.bench.measure",
     "BenchReport": "adapterkit.core.bench.measure",
     "AdapterPool": "adapterkit.core.runtime.pool",
+    "WeightAdapterLayer": "adapterkit.core.runtime.weight_layer",
+    "WeightAdapterMethod": "adapterkit.core.runtime.weight_method",
+    "weight_layers": "adapterkit.core.runtime.weight_layer",
     "train": "adapterkit.core.train.run",
     # data model
     "Adapter": "adapterkit.core.format.adapter",
@@ -82,6 +85,8 @@ _LAZY = {
     "onnx_adapter_parameters": "adapterkit.core.export.swappable",
     "detach": "adapterkit.core.runtime.inject",
     "shared_key": "adapterkit.core.format.adapter",
+    "canonical_key": "adapterkit.core.format.adapter",
+    "split_key": "adapterkit.core.format.adapter",
     "select_modules": "adapterkit.core.runtime.modules",
     "module_kind": "adapterkit.core.runtime.modules",
     "replace_module": "adapterkit.core.runtime.modules",

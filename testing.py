@@ -255,3 +255,142 @@ class MethodConformance:
         (path / "adapter.json").write_text(json.dumps(manifest))
         report = adapterkit.validate(path, registry=self._registry())
         assert not report.valid and any(key in str(e) for e in report.errors), "a wrong tensor shape went unnoticed"
+
+
+# ---- PEFT interop: a method plugin's `peft` codec against PEFT itself -------
+
+def save_tiny_base(kind: str, folder: Path, seed: int = 0, models: Mapping[str, Callable[..., Any]] | None = None) -> Path:
+    """A tiny seeded model of :data:`TINY_MODELS` (or ``models``) saved as a Hugging Face folder."""
+    (models or TINY_MODELS)[kind](seed).save_pretrained(folder)
+    return Path(folder)
+
+
+class PeftInterop:
+    """Subclass with ``method`` and ``peft_configs`` (model kind -> factory of a PEFT config) to check a method's
+    ``peft`` codec against the installed PEFT on tiny seeded models::
+
+        class TestLohaPeft(PeftInterop):
+            method = "loha"
+            peft_configs = {"llama": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])}
+
+    For each kind: PEFT's own folder (every trainable adapter parameter filled with seeded noise,
+    :meth:`randomize`) read by adapterkit and applied gives PEFT's logits; the folder adapterkit
+    writes from it loads in PEFT with the same logits; peft -> adapterkit -> peft -> adapterkit is
+    exact; ``adapterkit merge`` gives the weights of PEFT's ``merge_and_unload``. With ``configs``
+    (kind -> adapterkit config, as :class:`MethodConformance` has), an adapter made by adapterkit
+    itself is also written as a PEFT folder and loaded in PEFT. Reading always passes the saved
+    tiny base (``base=``).
+    """
+
+    method: ClassVar[str] = ""
+    peft_configs: ClassVar[dict[str, Callable[[], Any]]] = {}
+    configs: ClassVar[dict[str, dict[str, Any]]] = {}
+    models: ClassVar[dict[str, Callable[..., Any]]] = TINY_MODELS
+    registry: ClassVar[Any] = None
+    #: the largest float32 difference of logits and merged weights allowed
+    atol: ClassVar[float] = 1e-5
+    #: the scale of the seeded noise :meth:`randomize` adds
+    noise: ClassVar[float] = 0.2
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:  # pragma: no cover - pytest hook
+        if "kind" in metafunc.fixturenames:
+            metafunc.parametrize("kind", sorted(self.peft_configs))
+
+    def randomize(self, peft_model: Any, seed: int) -> None:
+        """Give every trainable parameter of the PEFT model seeded noise (PEFT zero-initialises parts)."""
+        perturb([p for p in peft_model.parameters() if p.requires_grad], seed=seed, scale=self.noise)
+
+    # helpers
+    def _registry(self) -> Any:
+        from adapterkit.core.plugin.registry import default_registry
+
+        return self.registry or default_registry()
+
+    def _peft_folder(self, kind: str, root: Path, seed: int = 7) -> tuple[Path, Path, Any]:
+        """(tiny base folder, PEFT's saved adapter folder, PEFT's logits)."""
+        import peft
+
+        base = save_tiny_base(kind, root / "base", models=self.models)
+        model = peft.get_peft_model(self.models[kind](0), self.peft_configs[kind]())
+        self.randomize(model, seed)
+        model.eval()
+        logits = outputs(model, sample_inputs())
+        model.save_pretrained(root / "peft")
+        return base, root / "peft", logits
+
+    def _applied(self, kind: str, adapter: Any) -> Any:
+        import adapterkit
+
+        return outputs(adapterkit.apply(adapter, self.models[kind](0), registry=self._registry()), sample_inputs())
+
+    def _peft_logits(self, kind: str, folder: Path) -> Any:
+        import peft
+
+        return outputs(peft.PeftModel.from_pretrained(self.models[kind](0), str(folder)).eval(), sample_inputs())
+
+    def _load(self, path: Path, base: Path) -> Any:
+        import adapterkit
+
+        return adapterkit.load(path, base=base, registry=self._registry())
+
+    # the checks
+    def test_peft_folder_applies_with_peft_logits(self, kind: str, tmp_path: Path) -> None:
+        base, folder, theirs = self._peft_folder(kind, tmp_path)
+        adapter = self._load(folder, base)
+        assert adapter.method == self.method, f"read as {adapter.method!r}"
+        diff = (self._applied(kind, adapter) - theirs).abs().max().item()
+        assert diff <= self.atol, f"max abs diff {diff:.3g} from PEFT's logits"
+
+    def test_written_folder_loads_in_peft_with_the_same_logits(self, kind: str, tmp_path: Path) -> None:
+        import adapterkit
+
+        base, folder, theirs = self._peft_folder(kind, tmp_path)
+        adapter = self._load(folder, base)
+        native = adapterkit.save(adapter, tmp_path / "native", registry=self._registry())
+        written = adapterkit.convert(native, tmp_path / "written", to="peft", base=base, registry=self._registry())
+        diff = (self._peft_logits(kind, written) - theirs).abs().max().item()
+        assert diff <= self.atol, f"PEFT loading our folder: max abs diff {diff:.3g} from its own logits"
+        if kind in self.configs:  # an adapter adapterkit made itself, with no PEFT config to start from
+            model = self.models[kind](0)
+            handle = adapterkit.inject(model, self.method, self.configs[kind], registry=self._registry())
+            perturb(handle.parameters(), seed=11, scale=self.noise)
+            ours = outputs(model, sample_inputs())
+            made = adapterkit.save(handle.to_adapter(), tmp_path / "made", registry=self._registry())
+            written = adapterkit.convert(made, tmp_path / "made-peft", to="peft", base=base, registry=self._registry())
+            diff = (self._peft_logits(kind, written) - ours).abs().max().item()
+            assert diff <= self.atol, f"PEFT loading an adapterkit-made adapter: max abs diff {diff:.3g}"
+
+    def test_round_trip_is_exact(self, kind: str, tmp_path: Path) -> None:
+        import adapterkit
+
+        base, folder, _ = self._peft_folder(kind, tmp_path)
+        one = self._load(folder, base)
+        native = adapterkit.save(one, tmp_path / "one", registry=self._registry())
+        again = adapterkit.convert(native, tmp_path / "again", to="peft", base=base, registry=self._registry())
+        two = self._load(again, base)
+        assert one.targets == two.targets
+        assert sorted(one.tensors) == sorted(two.tensors)
+        for key, value in one.tensors.items():
+            assert value.dtype == two.tensors[key].dtype and value.tobytes() == two.tensors[key].tobytes(), key
+
+    def test_merge_equals_peft_merge_and_unload(self, kind: str, tmp_path: Path) -> None:
+        import peft
+
+        import adapterkit
+        from adapterkit.core.format import safetensors_io
+
+        base, folder, _ = self._peft_folder(kind, tmp_path)
+        out = adapterkit.merge(self._load(folder, base), base, tmp_path / "merged", registry=self._registry())
+        ours: dict[str, Any] = {}
+        for file in sorted(Path(out).glob("*.safetensors")):
+            ours.update(safetensors_io.load(file)[0])
+        merged = peft.PeftModel.from_pretrained(self.models[kind](0), str(folder)).merge_and_unload()
+        theirs = {k: v.detach().float().numpy() for k, v in merged.state_dict().items()}
+        compared = 0
+        for key, value in theirs.items():
+            if key not in ours:
+                continue
+            diff = float(abs(ours[key].astype("float32") - value).max()) if value.size else 0.0
+            assert diff <= self.atol, f"{key}: merged weight max abs diff {diff:.3g} from PEFT's merge_and_unload"
+            compared += 1
+        assert compared >= len(theirs) - 2, f"only {compared} of {len(theirs)} merged tensors were compared"
