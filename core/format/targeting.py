@@ -54,9 +54,20 @@ def pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:
     return default
 
 
-def layer_index(path: str) -> int | None:
-    """The first all-digit component of ``path`` (the block index), or None."""
-    for part in path.split("."):
+def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    """The block index of ``path``: its first all-digit component, or None.
+
+    With ``layers_pattern`` (a name or names of the module list, PEFT's field of that name), the
+    number right after the first component equal to one of them (``"h"`` in ``transformer.h.3.attn``).
+    """
+    parts = path.split(".")
+    if layers_pattern:
+        names = {layers_pattern} if isinstance(layers_pattern, str) else set(layers_pattern)
+        for part, after in zip(parts, parts[1:]):
+            if part in names and after.isdigit():
+                return int(after)
+        return None
+    for part in parts:
         if part.isdigit():
             return int(part)
     return None

@@ -76,11 +76,14 @@ def output_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def select_modules(model: nn.Module, target_modules: str | Sequence[str], *,
-                   layers_to_transform: Sequence[int] | None = None, kinds: Sequence[str] = KINDS,
+                   layers_to_transform: Sequence[int] | None = None, layers_pattern: str | Sequence[str] | None = None,
+                   kinds: Sequence[str] = KINDS,
                    method: str = "the method", location: str = "$.method.config.target_modules") -> dict[str, nn.Module]:
     """The modules ``target_modules`` selects, by path, in model order (wrappers included as themselves).
 
-    ``"all-linear"`` selects every module of ``kinds`` but the output head. Raises
+    ``"all-linear"`` selects every module of ``kinds`` but the output head; ``layers_to_transform`` keeps the
+    modules whose block index (:func:`~adapterkit.core.format.targeting.layer_index`, after a
+    ``layers_pattern`` component when given) is in it. Raises
     ``UsageError`` when a selected module is not of ``kinds`` or nothing is selected.
     """
     head = output_embeddings(model)
@@ -93,7 +96,7 @@ def select_modules(model: nn.Module, target_modules: str | Sequence[str], *,
                 continue
         elif not matches_target(path, target_modules):
             continue
-        if layers_to_transform is not None and layer_index(path) not in layers_to_transform:
+        if layers_to_transform is not None and layer_index(path, layers_pattern) not in layers_to_transform:
             continue
         if kind not in kinds:
             names = {LINEAR: "nn.Linear", CONV1D: "transformers Conv1D"}

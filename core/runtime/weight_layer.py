@@ -23,6 +23,7 @@ bits, and adapters merged after the one unmerged stay merged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -33,6 +34,27 @@ from adapterkit.core.errors import UsageError
 from adapterkit.core.runtime.modules import describe, module_kind
 
 
+class SharedTensors(nn.Module):
+    """An adapter's tensors shared by every module (VeRA's projections): ONE such module is held by every layer
+    of the adapter, so ``model.to(device)`` moves each tensor once and the layers keep sharing it.
+
+    An ``nn.Parameter`` is registered as a parameter (it trains when it requires grad); any other tensor is a
+    non-persistent buffer (the adapter's file holds it, not the model's ``state_dict``).
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        super().__init__()
+        for key, value in tensors.items():
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(key, value)
+            else:
+                self.register_buffer(key, value, persistent=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """param name -> tensor, parameters first."""
+        return {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+
+
 class WeightAdapterLayer(nn.Module):
     """A linear or Conv1D ``base_layer`` plus named adapters that change its weight.
 
@@ -41,7 +63,8 @@ class WeightAdapterLayer(nn.Module):
     input; ``nn.Identity`` by default), ``target[name]`` (the module's manifest target:
     ``kind``, ``shape`` and the method's own fields), ``config[name]`` (the resolved
     method config) and ``shared[name]`` (the adapter's tensors shared by every module,
-    e.g. VeRA's projections, by parameter name; the same tensor objects on every layer).
+    e.g. VeRA's projections, by parameter name: one :class:`SharedTensors` module held by
+    every layer, so moving the model moves them once and they stay shared).
     """
 
     #: True for methods that implement :meth:`adapted_weight` instead of :meth:`delta`
@@ -61,7 +84,7 @@ class WeightAdapterLayer(nn.Module):
         self.dropouts = nn.ModuleDict()
         self.target: dict[str, dict[str, Any]] = {}
         self.config: dict[str, dict[str, Any]] = {}
-        self.shared: dict[str, dict[str, torch.Tensor]] = {}
+        self.shared_tensors = nn.ModuleDict()
         self.merged: list[str] = []
         self._saved: dict[str, torch.Tensor] = {}
         self.enabled = True
@@ -85,10 +108,16 @@ class WeightAdapterLayer(nn.Module):
         return F.linear(self.dropouts[name](x).to(delta.dtype), delta)
 
     # ---- adapters -------------------------------------------------------------------
+    @property
+    def shared(self) -> dict[str, dict[str, torch.Tensor]]:
+        """adapter name -> its shared tensors by param name (the same tensor objects on every layer)."""
+        return {name: holder.tensors() for name, holder in self.shared_tensors.items()}
+
     def add_adapter(self, name: str, parameters: dict[str, nn.Parameter], *, target: dict[str, Any],
                     config: dict[str, Any], dropout: nn.Module | None = None,
-                    shared: dict[str, torch.Tensor] | None = None) -> None:
-        """Hold a new adapter: its parameters (trainable), input dropout, target, config and shared tensors."""
+                    shared: SharedTensors | Mapping[str, torch.Tensor] | None = None) -> None:
+        """Hold a new adapter: its parameters (trainable), input dropout, target, config and shared tensors
+        (pass one :class:`SharedTensors` to every layer of the adapter; a mapping is wrapped for this layer alone)."""
         if name in self.params:
             raise UsageError(f"the module already holds an adapter named {name!r}", hint="inject under another name",
                              code="duplicate_adapter")
@@ -96,7 +125,8 @@ class WeightAdapterLayer(nn.Module):
         self.dropouts[name] = (dropout if dropout is not None else nn.Identity()).train(self.training)
         self.target[name] = dict(target)
         self.config[name] = dict(config)
-        self.shared[name] = dict(shared or {})
+        if shared:
+            self.shared_tensors[name] = shared if isinstance(shared, SharedTensors) else SharedTensors(shared)
 
     def active(self) -> list[str]:
         """The adapters the forward applies: enabled and not merged, in the order they were added."""
@@ -154,10 +184,10 @@ class WeightAdapterLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         """Forget adapter ``name`` (unmerged first)."""
         self.unmerge(name)
-        for store in (self.params, self.dropouts):
+        for store in (self.params, self.dropouts, self.shared_tensors):
             if name in store:
                 del store[name]
-        for store in (self.target, self.config, self.shared):
+        for store in (self.target, self.config):
             store.pop(name, None)
 
 
@@ -166,4 +196,4 @@ def weight_layers(model: nn.Module, layer_class: type[WeightAdapterLayer] = Weig
     return [(path, module) for path, module in model.named_modules() if isinstance(module, layer_class)]
 
 
-__all__ = ["WeightAdapterLayer", "weight_layers"]
+__all__ = ["SharedTensors", "WeightAdapterLayer", "weight_layers"]

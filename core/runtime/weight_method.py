@@ -54,13 +54,14 @@ class WeightAdapterMethod:
         raise NotImplementedError(f"method {self.name!r} gives no new_parameters")
 
     def select(self, model: nn.Module, config: Mapping[str, Any]) -> dict[str, nn.Module]:
-        """The modules ``config`` adapts (path -> module): PEFT's ``target_modules`` / ``layers_to_transform``
-        rules through :func:`adapterkit.select_modules`, minus ``exclude_modules`` when the config has it."""
+        """The modules ``config`` adapts (path -> module): PEFT's ``target_modules`` / ``layers_to_transform`` /
+        ``layers_pattern`` rules through :func:`adapterkit.select_modules`, minus ``exclude_modules``."""
         from adapterkit.core.format.targeting import matches_target
         from adapterkit.core.runtime.modules import select_modules
 
-        selected = select_modules(model, config["target_modules"], layers_to_transform=config.get("layers_to_transform"),
-                                  method=f"{self.name}")
+        layers = config.get("layers_to_transform")
+        selected = select_modules(model, config["target_modules"], layers_to_transform=[layers] if isinstance(layers, int)
+                                  else layers, layers_pattern=config.get("layers_pattern"), method=self.name)
         exclude = config.get("exclude_modules")
         if exclude:
             selected = {p: m for p, m in selected.items() if not matches_target(p, exclude)}
@@ -113,7 +114,10 @@ class WeightAdapterMethod:
         for param in model.parameters():
             if id(param) not in keep:
                 param.requires_grad_(False)
-        shared = self.new_shared(model, config, plan)
+        from adapterkit.core.runtime.weight_layer import SharedTensors
+
+        tensors = self.new_shared(model, config, plan)
+        shared = SharedTensors(tensors) if tensors else None  # one module, held by every layer of the adapter
         for path, target in plan.items():
             module = model.get_submodule(path)
             layer = module if isinstance(module, layer_class) else layer_class(module)
