@@ -1,0 +1,227 @@
+"""The PEFT ``ADALORA`` codec: AdaLoRA adapters inside adapterkit's ``peft`` format (PEFT 0.21.2's layout).
+
+Three tensors per adapted module (``get_peft_model_state_dict``; the adapter name stripped, ``ranknum`` not
+saved)::
+
+    base_model.model.<module>.lora_A   [r, in]      <-> <module>.adalora.A
+    base_model.model.<module>.lora_E   [r, 1]       <-> <module>.adalora.E
+    base_model.model.<module>.lora_B   [out, r]     <-> <module>.adalora.B
+
+A folder saved after budget pruning has ``rank_pattern`` in its config (``<module>.lora_E`` -> one boolean per
+initial rank) and its tensors cut to the kept ranks (``AdaLoraModel.resize_state_dict_by_rank_pattern``); PEFT
+loads it by resizing each listed module to the mask's sum first (``resize_modules_by_rank_pattern``), keeping
+``ranknum = init_r``. A module pruned to rank 0 has zero-sized tensors. Without ``rank_pattern`` every module has
+``init_r``. The tensors give every shape, so reading needs no base (``kind`` is ``conv1d`` when the config says
+``fan_in_fan_out``; a live base model given as ``base`` decides per module).
+
+Config fields PEFT's AdaLoRA ignores (``r``, ``use_rslora``, ``alpha_pattern``, ``lora_bias``, the init configs)
+are kept from the original config on writing; fields that change the model in a way this method does not hold
+(``bias``, ``modules_to_save``, ``layer_replication``, ...) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from adapterkit import Adapter, Codec, FormatError, LossyConversionError, UsageError
+
+from .method import DEFAULTS, KINDS, check_config, pattern_key
+
+LEAVES = {"A": "lora_A", "E": "lora_E", "B": "lora_B"}
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+#: PEFT's AdaLoRA fields (AdaLoraConfig + the LoraConfig fields it uses) -> the method config's (same names)
+METHOD_FIELDS = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                 "orth_reg_weight", "total_step", "init_lora_weights")
+#: LoraConfig fields that change what PEFT builds, and the values this codec holds (None: null or absent)
+REFUSED: dict[str, tuple[Any, ...]] = {
+    "bias": ("none",), "modules_to_save": (None, []), "use_dora": (False, None), "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}), "target_parameters": (None, []), "megatron_config": (None, {}),
+    "use_qalora": (False, None), "alora_invocation_tokens": (None, []), "loftq_config": (None, {}),
+    "arrow_config": (None, {}), "use_bdlora": (None, False), "kasa_config": (None, {}),
+    "monteclora_config": (None, {}), "velora_config": (None, {}), "ensure_weight_tying": (False, None),
+}
+
+
+def _holds(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return any(value == a and type(value) is type(a) or value is None and a is None for a in allowed)
+
+
+class AdaLoraPeftCodec(Codec):
+    """PEFT's ADALORA layout for the ``adalora`` method."""
+
+    format = "peft"
+    key = "ADALORA"
+    methods = ("adalora",)
+    description = "PEFT AdaLoRA (SVD-form LoRA; pruned rank_pattern folders too)"
+
+    # ---- read -----------------------------------------------------------------
+    def read(self, context: Any) -> Adapter:
+        config, file = context.config, context.tensors_file
+        for field, allowed in REFUSED.items():
+            if field in config and not _holds(config[field], allowed):
+                raise LossyConversionError(
+                    f"PEFT AdaLoRA config field {field}={config[field]!r} has no place in an adalora adapter",
+                    file=context.config_file, location=f"$.{field}", found=config[field],
+                    expected=[a for a in allowed], hint=f"adapterkit's adalora holds only {field}={allowed[0]!r}",
+                    code="unsupported")
+        method_config: dict[str, Any] = {field: config.get(field, DEFAULTS[field]) for field in METHOD_FIELDS}
+        for field in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+            if config.get(field) not in (None, []):
+                method_config[field] = config[field]
+        rule = config.get("target_modules")
+        if isinstance(rule, list):
+            rule = sorted(set(rule))
+        method_config["target_modules"] = rule
+        if config.get("rank_pattern") is not None:
+            method_config["rank_pattern"] = config["rank_pattern"]
+        found: dict[str, dict[str, np.ndarray]] = {}
+        other = []
+        for key, value in context.tensors.items():
+            for param, leaf in LEAVES.items():
+                module = context.module_of(key, leaf)
+                if module is not None:
+                    found.setdefault(module, {})[param] = value
+                    break
+            else:
+                other.append(key)
+        if other:
+            raise LossyConversionError(f"the file holds {len(other)} tensors that are not AdaLoRA's; they would be lost",
+                                       file=file, found=sorted(other)[:5],
+                                       hint="modules_to_save and trainable tokens have no place in an adalora adapter",
+                                       code="unsupported")
+        if not found:
+            raise FormatError(f"the file holds no AdaLoRA tensor ({context.key('<module>', 'lora_A')})", file=file,
+                              code="no_targets")
+        live = context.base if hasattr(context.base, "named_modules") else None
+        conv1d = bool(config.get("fan_in_fan_out", False))
+        init_r = method_config["init_r"]
+        pattern = config.get("rank_pattern") or {}
+        targets, tensors, dtypes = {}, {}, set()
+        for module, parts in sorted(found.items()):
+            missing = [LEAVES[p] for p in LEAVES if p not in parts]
+            if missing:
+                raise FormatError(f"{module} lacks its {missing[0]} tensor", file=file,
+                                  location=context.key(module, missing[0]), code="missing_tensor")
+            a, e, b = parts["A"], parts["E"], parts["B"]
+            if a.ndim != 2 or e.ndim != 2 or b.ndim != 2 or e.shape != (a.shape[0], 1) or b.shape[1] != a.shape[0]:
+                raise FormatError(f"{module}: lora_A {list(a.shape)}, lora_E {list(e.shape)}, lora_B {list(b.shape)} "
+                                  "are not [r, in], [r, 1], [out, r]", file=file, location=context.key(module, "lora_A"),
+                                  code="tensor_shape")
+            if a.shape[1] == 0 or b.shape[0] == 0:
+                raise FormatError(f"{module}: empty input or output dimension", file=file,
+                                  location=context.key(module, "lora_A"), code="tensor_shape")
+            r = int(a.shape[0])
+            mask = pattern.get(pattern_key(module))
+            expected_r = sum(bool(v) for v in mask) if mask is not None else init_r
+            if r != expected_r:
+                why = f"its rank_pattern keeps {expected_r}" if mask is not None else f"init_r is {init_r} (no rank_pattern)"
+                raise FormatError(f"{module} has rank {r} but {why}: PEFT could not load this folder", file=file,
+                                  location=context.key(module, "lora_A"), code="tensor_shape")
+            kind = None
+            if live is not None:
+                from adapterkit import module_kind
+
+                try:
+                    kind = module_kind(live.get_submodule(module))
+                except AttributeError:
+                    kind = None
+            kind = kind or ("conv1d" if conv1d else "linear")
+            fan_in, fan_out = int(a.shape[1]), int(b.shape[0])
+            targets[module] = {"kind": kind, "shape": [fan_out, fan_in] if kind == "linear" else [fan_in, fan_out],
+                               "r": r}
+            for param, value in (("A", a), ("E", e), ("B", b)):
+                tensors[f"{module}.adalora.{param}"] = np.ascontiguousarray(value)
+                dtypes.add(str(value.dtype))
+        stray = sorted(set(pattern) - {pattern_key(m) for m in targets})
+        if stray:
+            raise FormatError(f"rank_pattern names {stray[0]!r}, which has no tensors", file=context.config_file,
+                              location="$.rank_pattern", code="bad_config")
+        if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
+            raise FormatError("the AdaLoRA tensors must share one float dtype", file=file, found=sorted(dtypes),
+                              code="dtype")
+        if method_config.get("target_modules") is None:
+            method_config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in targets})
+        try:
+            check_config({**DEFAULTS, **method_config})
+        except UsageError as exc:
+            field = (exc.location or "").removeprefix("$.method.config.")
+            raise FormatError(f"PEFT AdaLoRA config: {field} {exc.message.removeprefix(field).strip()}",
+                              file=context.config_file, location=f"$.{field}" if field else None, found=exc.found,
+                              hint=exc.hint, code="bad_config") from None
+        method_config = {k: v for k, v in method_config.items() if k not in DEFAULTS or v != DEFAULTS[k]}
+        return context.adapter("adalora", method_config, targets, tensors, dtypes.pop())
+
+    # ---- write ----------------------------------------------------------------
+    def refusal(self, adapter: Adapter) -> str | None:
+        expected = {f"{m}.adalora.{p}" for m in adapter.targets for p in LEAVES}
+        missing = sorted(expected - set(adapter.tensors))
+        if missing:
+            return f"the tensor {missing[0]} is missing"
+        extra = sorted(set(adapter.tensors) - expected)
+        if extra:
+            return f"the tensor {extra[0]} has no place in a PEFT ADALORA file and would be lost"
+        config = {**DEFAULTS, **adapter.config}
+        for module, target in sorted(adapter.targets.items()):
+            if target.get("kind") not in KINDS:
+                return f"{module} is a {target.get('kind')!r} target; PEFT ADALORA is written here for {list(KINDS)}"
+            if int(target.get("r", -1)) > config["init_r"]:
+                return f"{module} has rank {target.get('r')} above init_r {config['init_r']}"
+        if config["total_step"] is None:
+            return ("PEFT's AdaLoraConfig requires total_step, and this adapter's config has none: set "
+                    "method.config.total_step (adapterkit train records the steps it ran)")
+        return None
+
+    def write(self, adapter: Adapter, context: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        targets = adapter.targets
+        modules = sorted(targets)
+        config = {**DEFAULTS, **adapter.config}
+        tensors = {}
+        for module in modules:
+            for param, leaf in LEAVES.items():
+                tensors[context.key(module, leaf)] = np.asarray(adapter.tensors[f"{module}.adalora.{param}"])
+        fields: dict[str, Any] = {
+            **context.selection(modules, wanted=config.get("target_modules"), layers=config.get("layers_to_transform")),
+            **{field: config[field] for field in METHOD_FIELDS},
+            "rank_pattern": _rank_pattern(targets, config, context.original),
+            "fan_in_fan_out": all(targets[m].get("kind") == "conv1d" for m in modules),
+            "bias": "none",
+            "modules_to_save": None,
+        }
+        original = context.original
+        if "r" not in original:
+            fields["r"] = 8  # PEFT's default; AdaLoRA ignores r (and warns when it is not 8)
+        return fields, tensors
+
+
+def _consistent(pattern: Any, targets: Mapping[str, Mapping[str, Any]], init_r: int) -> bool:
+    """Whether PEFT, loading with ``pattern``, gives every module exactly its recorded rank."""
+    if not isinstance(pattern, Mapping):
+        return False
+    keys = {pattern_key(m): m for m in targets}
+    if set(pattern) - set(keys):
+        return False
+    for key, module in keys.items():
+        mask = pattern.get(key)
+        want = int(targets[module]["r"])
+        if mask is None:
+            if want != init_r:
+                return False
+        elif not (isinstance(mask, list) and len(mask) == init_r and sum(bool(v) for v in mask) == want):
+            return False
+    return True
+
+
+def _rank_pattern(targets: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any],
+                  original: Mapping[str, Any]) -> dict[str, list[bool]] | None:
+    """``rank_pattern`` under which PEFT resizes each module to its rank: the original's or the config's when it
+    does, else None when every module has ``init_r``, else one mask per module (the first ``r`` entries kept)."""
+    init_r = int(config["init_r"])
+    for candidate in (original.get("rank_pattern"), config.get("rank_pattern")):
+        if candidate is not None and _consistent(candidate, targets, init_r):
+            return dict(candidate)
+    if all(int(t["r"]) == init_r for t in targets.values()):
+        return None
+    return {pattern_key(m): [i < int(targets[m]["r"]) for i in range(init_r)] for m in sorted(targets)}
