@@ -93,6 +93,7 @@ _LAZY = {
     "matches_target": "adapterkit.core.format.targeting",
     "pattern_value": "adapterkit.core.format.targeting",
     "layer_index": "adapterkit.core.format.targeting",
+    "selects": "adapterkit.core.format.targeting",
     "in_out_features": "adapterkit.core.format.targeting",
     "require_consistent": "adapterkit.core.store.consistency",
     # errors

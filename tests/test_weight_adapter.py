@@ -169,3 +169,23 @@ def test_a_saved_adapter_applies_only_to_its_own_base():
     other = TINY_MODELS["gpt2"](0)
     with pytest.raises(adapterkit.AdapterkitError):
         adapterkit.apply(adapter, other, registry=REGISTRY)
+
+
+def test_shared_tensors_move_once_and_stay_shared():
+    """One SharedTensors module held by every layer: moving the model converts each shared tensor once, and
+    every layer still sees the same object (what load_state writes into)."""
+    from adapterkit.core.runtime.weight_layer import SharedTensors
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 4))
+    holder = SharedTensors({"P": torch.randn(2, 4), "T": nn.Parameter(torch.randn(2))})
+    layers = [ProductLayer(model[0]), ProductLayer(model[1])]
+    for index, layer in enumerate(layers):
+        model[index] = layer
+        layer.add_adapter("a", {"u": nn.Parameter(torch.zeros(layer.out_features, 1)),
+                                "v": nn.Parameter(torch.zeros(1, layer.in_features))},
+                          target={"kind": "linear", "shape": list(layer.shape)}, config={"scale": 1.0}, shared=holder)
+    model.to(torch.float64)
+    first, second = layers[0].shared["a"], layers[1].shared["a"]
+    assert first["P"].dtype == torch.float64 and first["P"] is second["P"] and first["T"] is second["T"]
+    assert sum(1 for p in model.parameters() if p is first["T"]) == 1  # the shared parameter counts once
+    assert not any(key.endswith(".P") for key in model.state_dict())  # a fixed shared tensor is not in the base's state

@@ -8,7 +8,10 @@
 - a pattern map (``rank_pattern``, ``alpha_pattern``): key ``k`` matches path ``m``
   when ``re.match(rf"(.*\\.)?({k})$", m)``; the first matching key wins.
 - ``layers_to_transform``: the layer index of a module is the first all-digit
-  component of its path (``model.layers.3.mlp.up_proj`` -> 3).
+  component after a named one (``model.layers.3.mlp.up_proj`` -> 3), or after the
+  ``layers_pattern`` component; it does not apply to a regex ``target_modules`` nor to a
+  path named whole; ``exclude_modules`` (names or a regex) wins over everything
+  (:func:`selects`, PEFT's ``check_target_module_exists``).
 
 :func:`adapterkit.select_modules` applies them to a live model.
 """
@@ -55,22 +58,59 @@ def pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:
 
 
 def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
-    """The block index of ``path``: its first all-digit component, or None.
+    """The layer number PEFT reads from a module path, or None.
 
-    With ``layers_pattern`` (a name or names of the module list, PEFT's field of that name), the
-    number right after the first component equal to one of them (``"h"`` in ``transformer.h.3.attn``).
+    Without ``layers_pattern``: the first all-digit component that follows a named one and is followed by
+    another (``model.layers.3.mlp.up_proj`` -> 3; ``layers.3.fc`` -> None, as in PEFT). With it (a regex or a
+    list of regexes naming the module list, e.g. ``"h"``): the number right after the first component it
+    matches (``transformer.h.3.attn.c_attn`` -> 3).
     """
-    parts = path.split(".")
-    if layers_pattern:
-        names = {layers_pattern} if isinstance(layers_pattern, str) else set(layers_pattern)
-        for part, after in zip(parts, parts[1:]):
-            if part in names and after.isdigit():
-                return int(after)
-        return None
-    for part in parts:
-        if part.isdigit():
-            return int(part)
-    return None
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return int(match["idx"]) if match else None
+
+
+def excluded(path: str, exclude_modules: str | Sequence[str] | None) -> bool:
+    """Whether ``exclude_modules`` (names or a full-match regex, PEFT's field) excludes ``path``."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, path) is not None
+    return path in exclude_modules or any(path.endswith(f".{name}") for name in exclude_modules)
+
+
+def in_layers(path: str, layers_to_transform: int | Sequence[int] | None,
+              layers_pattern: str | Sequence[str] | None = None) -> bool:
+    """Whether ``path`` is in ``layers_to_transform`` (None or an empty list: every layer)."""
+    if layers_to_transform is None or (not isinstance(layers_to_transform, int) and len(layers_to_transform) == 0):
+        return True
+    index = layer_index(path, layers_pattern)
+    if index is None:
+        return False
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
+def selects(path: str, target_modules: str | Sequence[str] | None, *,
+            layers_to_transform: int | Sequence[int] | None = None, layers_pattern: str | Sequence[str] | None = None,
+            exclude_modules: str | Sequence[str] | None = None) -> bool:
+    """Whether PEFT adapts the module at ``path`` (``check_target_module_exists``): not excluded; a regex
+    ``target_modules`` full-matches the path (the layer fields do not apply); a path named whole in the list
+    is selected; else a name the path ends with, in ``layers_to_transform`` when given."""
+    if excluded(path, exclude_modules) or target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    if path in target_modules:
+        return True
+    if not any(path.endswith(f".{name}") for name in target_modules):
+        return False
+    return in_layers(path, layers_to_transform, layers_pattern)
 
 
 def in_out_features(kind: str, shape: Sequence[int]) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.errors import UsageError
-from adapterkit.core.format.targeting import ALL_LINEAR, CONV1D, LINEAR, is_head, layer_index, matches_target
+from adapterkit.core.format.targeting import ALL_LINEAR, CONV1D, LINEAR, excluded, in_layers, is_head, selects
 
 KINDS = (LINEAR, CONV1D)
 
@@ -76,15 +76,15 @@ def output_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def select_modules(model: nn.Module, target_modules: str | Sequence[str], *,
-                   layers_to_transform: Sequence[int] | None = None, layers_pattern: str | Sequence[str] | None = None,
-                   kinds: Sequence[str] = KINDS,
+                   layers_to_transform: int | Sequence[int] | None = None,
+                   layers_pattern: str | Sequence[str] | None = None,
+                   exclude_modules: str | Sequence[str] | None = None, kinds: Sequence[str] = KINDS,
                    method: str = "the method", location: str = "$.method.config.target_modules") -> dict[str, nn.Module]:
-    """The modules ``target_modules`` selects, by path, in model order (wrappers included as themselves).
+    """The modules PEFT's selection rules pick (:func:`~adapterkit.core.format.targeting.selects`), by path, in
+    model order (wrappers included as themselves).
 
-    ``"all-linear"`` selects every module of ``kinds`` but the output head; ``layers_to_transform`` keeps the
-    modules whose block index (:func:`~adapterkit.core.format.targeting.layer_index`, after a
-    ``layers_pattern`` component when given) is in it. Raises
-    ``UsageError`` when a selected module is not of ``kinds`` or nothing is selected.
+    ``"all-linear"`` selects every module of ``kinds`` but the output head (in ``layers_to_transform``, not
+    excluded). Raises ``UsageError`` when a selected module is not of ``kinds`` or nothing is selected.
     """
     head = output_embeddings(model)
     selected: dict[str, nn.Module] = {}
@@ -92,11 +92,11 @@ def select_modules(model: nn.Module, target_modules: str | Sequence[str], *,
         base = unwrapped(module)
         kind = module_kind(base)
         if target_modules == ALL_LINEAR:
-            if kind not in kinds or is_head(path) or head in (module, base):
+            if (kind not in kinds or is_head(path) or head in (module, base) or excluded(path, exclude_modules)
+                    or not in_layers(path, layers_to_transform, layers_pattern)):
                 continue
-        elif not matches_target(path, target_modules):
-            continue
-        if layers_to_transform is not None and layer_index(path, layers_pattern) not in layers_to_transform:
+        elif not selects(path, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                         exclude_modules=exclude_modules):
             continue
         if kind not in kinds:
             names = {LINEAR: "nn.Linear", CONV1D: "transformers Conv1D"}
@@ -110,7 +110,7 @@ def select_modules(model: nn.Module, target_modules: str | Sequence[str], *,
         raise UsageError(
             "target_modules selects no module of the model", location=location, found=target_modules,
             hint='use module-name suffixes such as ["q_proj", "v_proj"], a regex matching whole module paths, '
-            'or "all-linear"; check layers_to_transform too', code="no_targets",
+            'or "all-linear"; check layers_to_transform and exclude_modules too', code="no_targets",
         )
     return selected
 

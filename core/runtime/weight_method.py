@@ -56,19 +56,11 @@ class WeightAdapterMethod:
     def select(self, model: nn.Module, config: Mapping[str, Any]) -> dict[str, nn.Module]:
         """The modules ``config`` adapts (path -> module): PEFT's ``target_modules`` / ``layers_to_transform`` /
         ``layers_pattern`` rules through :func:`adapterkit.select_modules`, minus ``exclude_modules``."""
-        from adapterkit.core.format.targeting import matches_target
         from adapterkit.core.runtime.modules import select_modules
 
-        layers = config.get("layers_to_transform")
-        selected = select_modules(model, config["target_modules"], layers_to_transform=[layers] if isinstance(layers, int)
-                                  else layers, layers_pattern=config.get("layers_pattern"), method=self.name)
-        exclude = config.get("exclude_modules")
-        if exclude:
-            selected = {p: m for p, m in selected.items() if not matches_target(p, exclude)}
-            if not selected:
-                raise UsageError("exclude_modules leaves no module to adapt", location="$.method.config.exclude_modules",
-                                 found=exclude, code="no_targets")
-        return selected
+        return select_modules(model, config["target_modules"], layers_to_transform=config.get("layers_to_transform"),
+                              layers_pattern=config.get("layers_pattern"), exclude_modules=config.get("exclude_modules"),
+                              method=self.name)
 
     def target_fields(self, module: str, kind: str, shape: list[int], config: Mapping[str, Any]) -> dict[str, Any]:
         """The method's own fields of a new target (beyond ``kind`` and ``shape``); default none."""

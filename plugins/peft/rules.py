@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from adapterkit.core.errors import FormatError
+from adapterkit.core.format.targeting import layer_index
+from adapterkit.core.format.targeting import selects as targeting_selects
 
 KEY_PREFIX = "base_model.model."
 #: PEFT task_type <-> manifest task
@@ -77,44 +79,10 @@ def same(a: Any, b: Any) -> bool:
 # ---- which modules ---------------------------------------------------------------
 
 def selects(config: Mapping[str, Any], module: str) -> bool:
-    """Whether PEFT would adapt ``module`` under ``config`` (target_modules, exclude_modules, layers_to_transform)."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, module):
-                return False
-        elif module in exclude or any(module.endswith(f".{name}") for name in exclude):
-            return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    if module in targets:
-        return True
-    if not any(module.endswith(f".{name}") for name in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    index = layer_index(module, config.get("layers_pattern"))
-    if index is None:
-        return False
-    return index == layers if isinstance(layers, int) else index in layers
-
-
-def layer_index(module: str, layers_pattern: Any = None) -> int | None:
-    """The layer number PEFT reads from a module path (the first numbered segment after a named one)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
-            if match:
-                break
-    return int(match["idx"]) if match else None
+    """Whether PEFT would adapt ``module`` under ``config`` (target_modules, exclude_modules, layers_to_transform,
+    layers_pattern): :func:`adapterkit.selects` on the config's fields."""
+    return targeting_selects(module, config.get("target_modules"), layers_to_transform=config.get("layers_to_transform"),
+                             layers_pattern=config.get("layers_pattern"), exclude_modules=config.get("exclude_modules"))
 
 
 # ---- checking the selection fields of a config --------------------------------------
