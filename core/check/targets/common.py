@@ -168,11 +168,14 @@ class Context:
     # ---- what the runtime reads ------------------------------------------------------------
 
     def peft_config(self) -> tuple[dict[str, Any] | None, AdapterkitError | None]:
-        """The ``adapter_config.json`` a PEFT-reading runtime sees: the file's own for a PEFT folder,
-        else what ``convert --to peft`` writes (an error when the PEFT writer refuses the adapter)."""
+        """The ``adapter_config.json`` a PEFT-reading runtime sees: the file's own for a PEFT LoRA folder,
+        else what ``convert --to peft`` writes (an error when the PEFT writer refuses the adapter). The
+        runtimes read ``peft_type`` LORA only: a method whose PEFT layout is another one (VeRA, AdaLoRA)
+        is written as its exact plain factors (:attr:`lowered`) first."""
         if "peft" in self._cache:
             return self._cache["peft"]
-        result: tuple[dict[str, Any] | None, AdapterkitError | None]
+        result: tuple[dict[str, Any] | None, AdapterkitError | None] = (None, None)
+        own = False
         if self.report.format == "peft":
             path = Path(self.path)
             file = path / "adapter_config.json" if path.is_dir() else path.parent / "adapter_config.json"
@@ -181,7 +184,8 @@ class Context:
                 result = (config if isinstance(config, dict) else None), None
             except (OSError, ValueError) as exc:
                 result = None, AdapterkitError(f"cannot read {file.name}: {exc}", file=str(file), code="bad_json")
-        else:
+            own = result[0] is None or not _other_peft_type(result[0]) or self.lowered is None
+        if not own:
             result = self._written("peft", "adapter_config.json")
         self._cache["peft"] = result
         return result
@@ -210,10 +214,15 @@ class Context:
                            dtype="float32", base_model=dict(manifest.base_model), task=manifest.task)
         return Adapter(lowered, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
 
+    def lowered_for(self, fmt: str) -> bool:
+        """Whether ``fmt``'s files are written from :attr:`lowered` (the method's own layout is not what the runtime reads)."""
+        return bool(self._cache.get(f"lowered:{fmt}"))
+
     def steps(self, fmt: str, command: str) -> list[str]:
         """The commands that make ``fmt``'s files: ``command``, after lowering to plain factors when needed."""
         if self._cache.get(f"lowered:{fmt}"):
-            return [f"adapterkit compose {self.path} -o LORA --strategy cat (exact: plain low-rank factors)",
+            base = f" --base {self.base}" if isinstance(self.base, (str, Path)) else ""
+            return [f"adapterkit compose {self.path} -o LORA --strategy cat{base} (exact: plain low-rank factors)",
                     command.replace(self.path, "LORA", 1)]
         return [command]
 
@@ -242,6 +251,17 @@ class Context:
                     again.file = again.file if again.file and tmp not in again.file else self.path
                     return None, again
                 self._cache[f"lowered:{fmt}"] = True
+            else:
+                written = out / "adapter_config.json"
+                if fmt == "peft" and self.lowered is not None and written.is_file() and _other_peft_type(
+                        json.loads(written.read_text("utf-8"))):
+                    shutil.rmtree(out, ignore_errors=True)  # the runtimes read LoRA: its exact plain factors
+                    try:
+                        writer.write(self.lowered, out, registry=self.registry, **options)
+                    except AdapterkitError as again:
+                        again.file = again.file if again.file and tmp not in again.file else self.path
+                        return None, again
+                    self._cache[f"lowered:{fmt}"] = True
             if read_back is None:
                 return None, None
             try:
@@ -250,6 +270,11 @@ class Context:
                 return None, AdapterkitError(f"the {fmt} writer's {read_back} cannot be read back: {exc}",
                                              code="bad_json")
             return (data if isinstance(data, dict) else None), None
+
+
+def _other_peft_type(config: Any) -> bool:
+    """Whether a PEFT config is of a layout other than LoRA (the only one the serving runtimes read)."""
+    return isinstance(config, dict) and str(config.get("peft_type") or "LORA").upper() != "LORA"
 
 
 def writer_refusal(plan: Plan, problem: AdapterkitError, fmt: str) -> None:

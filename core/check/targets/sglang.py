@@ -46,7 +46,7 @@ def plan(ctx: Context) -> Plan:
                                   "silently (and fails under --lora-strict-loading)"):
         return result
     config, problem = ctx.peft_config()
-    if ctx.report.format != "peft":
+    if ctx.report.format != "peft" or ctx.lowered_for("peft"):
         result.steps.extend(ctx.steps("peft", f"adapterkit convert {ctx.path} OUT --to peft"))
     if problem is not None:
         result.refusals.append(Refusal(f"SGLang reads PEFT folders, and this adapter cannot be written as one: "

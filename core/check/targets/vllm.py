@@ -88,7 +88,7 @@ def plan(ctx: Context) -> Plan:
         _config_rules(result, config, version)
     if ctx.stacked and not _experts(result, ctx, config):
         return result
-    if ctx.report.format != "peft":
+    if ctx.report.format != "peft" or ctx.lowered_for("peft"):
         result.steps.extend(ctx.steps("peft", f"adapterkit convert {ctx.path} OUT --to peft"))
         result.warnings.append(Refusal("vLLM loads PEFT folders (adapter_config.json + adapter_model.safetensors)",
                                        "vllm_format", found=ctx.report.format,
