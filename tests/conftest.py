@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,12 @@ if "TRITON_INTERPRET" not in os.environ and _no_gpu():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from models import save_tiny  # noqa: E402
+
+# A shell without job control starts a background job with SIGINT ignored (POSIX), and every process the tests
+# start inherits that: the Ctrl-C tests (test_io, test_faults) would then see no interruption at all. The suite
+# tests Python's own handling, so it restores it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config) -> str:
