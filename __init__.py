@@ -95,6 +95,13 @@ _LAZY = {
     "layer_index": "adapterkit.core.format.targeting",
     "selects": "adapterkit.core.format.targeting",
     "in_out_features": "adapterkit.core.format.targeting",
+    "config_error": "adapterkit.core.format.config_fields",
+    "is_int": "adapterkit.core.format.config_fields",
+    "is_number": "adapterkit.core.format.config_fields",
+    "check_regex": "adapterkit.core.format.config_fields",
+    "check_selection": "adapterkit.core.format.config_fields",
+    "check_layers": "adapterkit.core.format.config_fields",
+    "check_pattern_map": "adapterkit.core.format.config_fields",
     "require_consistent": "adapterkit.core.store.consistency",
     # errors
     "AdapterkitError": "adapterkit.core.errors",

@@ -259,10 +259,47 @@ class MethodConformance:
 
 # ---- PEFT interop: a method plugin's `peft` codec against PEFT itself -------
 
-def save_tiny_base(kind: str, folder: Path, seed: int = 0, models: Mapping[str, Callable[..., Any]] | None = None) -> Path:
-    """A tiny seeded model of :data:`TINY_MODELS` (or ``models``) saved as a Hugging Face folder."""
-    (models or TINY_MODELS)[kind](seed).save_pretrained(folder)
+#: the special tokens of :func:`char_tokenizer` (ids 0-3)
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer inside the tiny models' vocabulary of 128 (no downloads): the 4
+    :data:`SPECIALS` then printable ASCII (99 ids); every text gets ``<bos>`` in front."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *(chr(c) for c in range(32, 127))])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_base(kind: str, folder: Path, seed: int = 0, models: Mapping[str, Callable[..., Any]] | None = None,
+                   tokenizer: bool = False, **model_kwargs: Any) -> Path:
+    """A tiny seeded model of :data:`TINY_MODELS` (or ``models``) saved as a Hugging Face folder; with
+    ``tokenizer``, :func:`char_tokenizer` is saved beside it (what ``adapterkit train`` needs)."""
+    (models or TINY_MODELS)[kind](seed, **model_kwargs).save_pretrained(folder)
+    if tokenizer:
+        char_tokenizer().save_pretrained(folder)
     return Path(folder)
+
+
+def run_cli(*args: str, python: str | None = None, env: Mapping[str, str] | None = None, timeout: float = 300,
+            cwd: str | Path | None = None) -> Any:
+    """``python -m adapterkit ARGS`` in a subprocess, as a user runs it (the installed plugins, offline, one
+    thread, ``ADAPTERKIT_PLUGINS`` removed); ``env`` adds variables. Returns the ``CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("ADAPTERKIT_PLUGINS", None)
+    return subprocess.run([python or sys.executable, "-m", "adapterkit", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
 
 
 class PeftInterop:

@@ -19,7 +19,8 @@ from adapterkit.core.train.run import train
 from adapterkit.core.train.config import method_config, parse_targets
 from adapterkit.core.io import parse_pairs
 from adapterkit.core.train.data import DataError, read_jsonl
-from train_helpers import number_rows, one_torch_thread, save_tiny_base, sentiment_rows, write_jsonl
+from adapterkit.testing import save_tiny_base
+from train_helpers import number_rows, one_torch_thread, sentiment_rows, write_jsonl
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 FAST = ["--batch-size", "8", "--seed", "0"]
@@ -29,9 +30,10 @@ FAST = ["--batch-size", "8", "--seed", "0"]
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train_bases")
     return {
-        "llama": save_tiny_base("llama", root / "llama"),
-        "bert": save_tiny_base("bert", root / "bert"),  # BertForSequenceClassification, 3 labels, head saved
-        "bare": save_tiny_base("llama", root / "bare", tokenizer=False),
+        "llama": save_tiny_base("llama", root / "llama", tokenizer=True),
+        # BertForSequenceClassification, 3 labels, head saved
+        "bert": save_tiny_base("bert", root / "bert", tokenizer=True),
+        "bare": save_tiny_base("llama", root / "bare"),
     }
 
 
@@ -306,7 +308,7 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_encode_masks_the_prompt(tmp_path):
-    from train_helpers import char_tokenizer
+    from adapterkit.testing import char_tokenizer
 
     tokenizer = char_tokenizer()
     ds = read_jsonl(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "completion": "cd"}, {"text": "xy"}]))

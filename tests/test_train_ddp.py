@@ -13,7 +13,8 @@ import pytest
 
 import adapterkit
 from adapterkit.core.train.run import train
-from train_helpers import number_rows, one_torch_thread, save_tiny_base, torchrun_command, write_jsonl
+from adapterkit.testing import save_tiny_base
+from train_helpers import number_rows, one_torch_thread, torchrun_command, write_jsonl
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -64,7 +65,7 @@ def test_torchrun_is_installed_beside_python():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    return {"root": root, "base": save_tiny_base("llama", root / "llama"),
+    return {"root": root, "base": save_tiny_base("llama", root / "llama", tokenizer=True),
             "data": write_jsonl(root / "numbers.jsonl", number_rows())}
 
 

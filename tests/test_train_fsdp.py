@@ -20,7 +20,8 @@ import pytest
 
 import adapterkit
 from adapterkit.core.train import checkpoint
-from train_helpers import (kill_tree, number_rows, quiet_env, run_checked, save_tiny_base, torchrun_command, wait_for,
+from adapterkit.testing import save_tiny_base
+from train_helpers import (kill_tree, number_rows, quiet_env, run_checked, torchrun_command, wait_for,
                            write_jsonl)
 
 TRAIN = ["--method", "lora", "--rank", "4", "--alpha", "8", "--dropout", "0.1", "--lr", "1e-2", "--batch-size", "7",
@@ -65,7 +66,7 @@ dist.destroy_process_group()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
-    return {"root": root, "base": save_tiny_base("llama", root / "llama"),
+    return {"root": root, "base": save_tiny_base("llama", root / "llama", tokenizer=True),
             "data": write_jsonl(root / "numbers.jsonl", number_rows())}
 
 

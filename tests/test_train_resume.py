@@ -21,7 +21,8 @@ from adapterkit.cli.main import cli
 from adapterkit.core.errors import UsageError
 from adapterkit.core.train import checkpoint, resume
 from adapterkit.core.train.run import train
-from train_helpers import kill_tree, number_rows, one_torch_thread, quiet_env, save_tiny_base, wait_for, write_jsonl
+from adapterkit.testing import save_tiny_base
+from train_helpers import kill_tree, number_rows, one_torch_thread, quiet_env, wait_for, write_jsonl
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 SETTINGS = {"config": {"r": 4, "alpha": 8, "dropout": 0.1}, "lr": 1e-2, "batch_size": 7, "eval_every": 2, "seed": 0}
@@ -31,7 +32,7 @@ TIMING = {"seconds", "train_seconds", "cpu_seconds", "peak_rss_bytes", "checkpoi
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
-    return {"root": root, "base": save_tiny_base("llama", root / "llama"),
+    return {"root": root, "base": save_tiny_base("llama", root / "llama", tokenizer=True),
             "data": write_jsonl(root / "numbers.jsonl", number_rows())}
 
 

@@ -17,7 +17,8 @@ from adapterkit.core.errors import PluginError
 from adapterkit.core.plugin.registry import Registry, get_plugin_manager
 from adapterkit.core.train.run import train
 from gated_lora import GatedLora
-from train_helpers import number_rows, one_torch_thread, save_tiny_base, write_jsonl
+from adapterkit.testing import save_tiny_base
+from train_helpers import number_rows, one_torch_thread, write_jsonl
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 SETTINGS = {"config": {"r": 4, "alpha": 8}, "lr": 1e-2, "batch_size": 7, "seed": 0, "max_grad_norm": None}
@@ -62,7 +63,7 @@ def registry_of(method: GatedLora) -> Registry:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("hooks")
-    return {"root": root, "base": save_tiny_base("llama", root / "llama"),
+    return {"root": root, "base": save_tiny_base("llama", root / "llama", tokenizer=True),
             "data": write_jsonl(root / "numbers.jsonl", number_rows())}
 
 

@@ -1,4 +1,4 @@
-"""Tiny bases with a tokenizer, and generated JSON Lines data, for the training tests (no downloads)."""
+"""Generated JSON Lines data and process helpers for the training tests (tiny bases: adapterkit.testing)."""
 
 from __future__ import annotations
 
@@ -14,35 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.core.demo.run import number_words
-from adapterkit.testing import TINY_MODELS
-
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-
-
-def char_tokenizer() -> Any:
-    """A character-level fast tokenizer: 4 specials + printable ASCII (99 ids, inside the tiny vocab of 128).
-
-    Every text gets ``<bos>`` in front (the template), so an encoder's first token is always the same.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *(chr(c) for c in range(32, 127))])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def save_tiny_base(kind: str, folder: Path, seed: int = 0, tokenizer: bool = True, **kwargs: Any) -> Path:
-    """A tiny seeded model (adapterkit.testing) saved as an HF folder, with the char tokenizer."""
-    model = TINY_MODELS[kind](seed, **kwargs)
-    model.save_pretrained(folder)
-    if tokenizer:
-        char_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any] | str]) -> Path:

@@ -7,12 +7,12 @@ Torch-free. :func:`validate_config` is the code twin of :data:`CONFIG_SCHEMA`
 from __future__ import annotations
 
 import difflib
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from adapterkit.core.errors import UsageError
+from adapterkit.core.format.config_fields import (check_layers, check_pattern_map, check_selection, config_error,
+                                                 is_int, is_number)
 
 from .targeting import ALL_LINEAR
 
@@ -111,46 +111,6 @@ TARGET_SCHEMA: dict[str, Any] = {
 }
 
 
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
-
-
-def _is_int(value: Any) -> bool:
-    """An integer as JSON Schema sees it: 2 and 2.0 are, True and 2.5 are not."""
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_regex(key: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise _fail(key, f"{pattern!r} is not a valid regular expression ({exc})", pattern,
-                    "escape special characters or use a list of module-name suffixes") from None
-
-
-def _check_pattern_map(key: str, value: Any, positive_int: bool) -> dict[str, Any]:
-    what = "an integer >= 1" if positive_int else "a number > 0"
-    if not isinstance(value, Mapping):
-        raise _fail(key, f"{key} must be an object mapping module names or regexes to {what}", value,
-                    f'e.g. {key}={{"q_proj": 16}}')
-    out = {}
-    for pattern, number in value.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise _fail(key, "keys must be non-empty module names or regexes", pattern, "use strings such as \"q_proj\"")
-        _check_regex(key, pattern)
-        ok = _is_int(number) and number >= 1 if positive_int else _is_number(number) and number > 0
-        if not ok:
-            raise _fail(key, f"value of {pattern!r} must be {what}", number, f"fix the {key} entry for {pattern!r}")
-        out[pattern] = int(number) if positive_int else number
-    return out
-
-
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The full LoRA config (defaults filled, values normalised); UsageError says how to fix bad input."""
     if not isinstance(config, Mapping):
@@ -163,58 +123,37 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
                              expected=sorted(DEFAULTS), hint=hint, code="bad_config")
     out = {**DEFAULTS, **config}
 
-    if not _is_int(out["r"]) or out["r"] < 1:
-        raise _fail("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
+    if not is_int(out["r"]) or out["r"] < 1:
+        raise config_error("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
     out["r"] = int(out["r"])
-    if not _is_number(out["alpha"]) or out["alpha"] <= 0:
-        raise _fail("alpha", "alpha must be a number > 0", out["alpha"], "pass e.g. alpha=16 (scale = alpha / r)")
+    if not is_number(out["alpha"]) or out["alpha"] <= 0:
+        raise config_error("alpha", "alpha must be a number > 0", out["alpha"],
+                           "pass e.g. alpha=16 (scale = alpha / r)")
     if not isinstance(out["use_rslora"], bool):
-        raise _fail("use_rslora", "use_rslora must be true or false", out["use_rslora"], "pass use_rslora=True or False")
-    if not _is_number(out["dropout"]) or not 0 <= out["dropout"] < 1:
-        raise _fail("dropout", "dropout must be a number in [0, 1)", out["dropout"], "pass e.g. dropout=0.05")
+        raise config_error("use_rslora", "use_rslora must be true or false", out["use_rslora"],
+                           "pass use_rslora=True or False")
+    if not is_number(out["dropout"]) or not 0 <= out["dropout"] < 1:
+        raise config_error("dropout", "dropout must be a number in [0, 1)", out["dropout"], "pass e.g. dropout=0.05")
     out["dropout"] = float(out["dropout"])
 
-    targets = out["target_modules"]
-    if isinstance(targets, str):
-        if not targets:
-            raise _fail("target_modules", "target_modules must not be empty", targets, 'use "all-linear" or a list')
-        if targets != ALL_LINEAR:
-            _check_regex("target_modules", targets)
-    elif isinstance(targets, (list, tuple, set, frozenset)) and targets:
-        names = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
-        if not all(isinstance(n, str) and n for n in names):
-            raise _fail("target_modules", "target_modules entries must be non-empty module names", names,
-                        'use names such as ["q_proj", "v_proj"]')
-        out["target_modules"] = names
-    else:
-        raise _fail("target_modules", 'target_modules must be a non-empty list of module names, a regex, or "all-linear"',
-                    targets, 'e.g. target_modules=["q_proj", "v_proj"]')
+    out["target_modules"] = check_selection("target_modules", out["target_modules"])
+    out["rank_pattern"] = check_pattern_map("rank_pattern", out["rank_pattern"], integer=True)
+    out["alpha_pattern"] = check_pattern_map("alpha_pattern", out["alpha_pattern"], integer=False)
 
-    out["rank_pattern"] = _check_pattern_map("rank_pattern", out["rank_pattern"], positive_int=True)
-    out["alpha_pattern"] = _check_pattern_map("alpha_pattern", out["alpha_pattern"], positive_int=False)
-
-    layers = out["layers_to_transform"]
-    if _is_int(layers):
-        layers = [layers]
-    if layers is not None:
-        if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
-            raise _fail("layers_to_transform", "layers_to_transform must be a non-empty list of layer indices >= 0, or null",
-                        layers, "e.g. layers_to_transform=[0, 1]")
-        layers = [int(i) for i in layers]
-    out["layers_to_transform"] = layers
+    out["layers_to_transform"], _ = check_layers(out["layers_to_transform"], None)
 
     params = out["target_parameters"]
     if isinstance(params, (set, frozenset, tuple)):
         params = sorted(params)
     if not isinstance(params, list) or not all(isinstance(n, str) and n for n in params):
-        raise _fail("target_parameters", "target_parameters must be a list of parameter names", params,
-                    'e.g. target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]')
+        raise config_error("target_parameters", "target_parameters must be a list of parameter names", params,
+                           'e.g. target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]')
     out["target_parameters"] = list(params)
     if params and out["dropout"]:
-        raise _fail("dropout", "dropout cannot apply to LoRA on parameters (the update is added to the weight)",
-                    out["dropout"], "pass dropout=0 with target_parameters (PEFT refuses it too)")
+        raise config_error("dropout", "dropout cannot apply to LoRA on parameters (the update is added to the weight)",
+                           out["dropout"], "pass dropout=0 with target_parameters (PEFT refuses it too)")
 
     if out["init"] not in ("default", "gaussian"):
-        raise _fail("init", 'init must be "default" or "gaussian"', out["init"],
-                    '"default" = kaiming-uniform A, zero B (PEFT\'s default)')
+        raise config_error("init", 'init must be "default" or "gaussian"', out["init"],
+                           '"default" = kaiming-uniform A, zero B (PEFT\'s default)')
     return out

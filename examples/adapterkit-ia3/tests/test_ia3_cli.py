@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
-from ia3_helpers import CONFIGS, run_cli, save_tiny_base
+from ia3_helpers import CONFIGS
 
 import torch
 
@@ -26,7 +26,7 @@ def work(tmp_path_factory):
     paths = {}
     for kind, config in (("llama", CONFIGS["llama"]), ("gpt2", CONFIGS["gpt2"]),
                          ("gpt2ff", {"target_modules": ["c_proj"], "feedforward_modules": ["c_proj"]})):
-        base = save_tiny_base(kind.removesuffix("ff"), root / f"base-{kind}")
+        base = save_tiny_base(kind.removesuffix("ff"), root / f"base-{kind}", tokenizer=True)
         model = TINY_MODELS[kind.removesuffix("ff")](0)
         handle = adapterkit.inject(model, "ia3", config)
         perturb(handle.parameters(), seed=4, scale=0.5)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, perturb
+from adapterkit.testing import TINY_MODELS, perturb, run_cli
 
-from ia3_helpers import CONFIGS, run_cli
+from ia3_helpers import CONFIGS
 
 EXAMPLE = Path(__file__).resolve().parent.parent
 

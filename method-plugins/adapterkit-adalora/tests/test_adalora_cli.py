@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
-from adalora_helpers import CONFIGS, peft_config, run_cli, save_tiny_base
+from adalora_helpers import CONFIGS, peft_config
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def work(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("adaloracli")
-    base = save_tiny_base("llama", root / "base")
+    base = save_tiny_base("llama", root / "base", tokenizer=True)
     model = TINY_MODELS["llama"](0)
     handle = adapterkit.inject(model, "adalora", CONFIGS["llama"])
     perturb(handle.parameters(), seed=4, scale=0.3)

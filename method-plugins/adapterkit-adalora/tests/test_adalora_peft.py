@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, PeftInterop, outputs, perturb, sample_inputs
+from adapterkit.testing import PeftInterop, TINY_MODELS, outputs, perturb, sample_inputs
 
-from adalora_helpers import CONFIGS, peft_config, prune, save_tiny_base
+from adalora_helpers import CONFIGS, peft_config, prune
 
 import peft
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
-from boft_helpers import run_cli, save_tiny_base, set_fbd
+from boft_helpers import set_fbd
 
 CONFIG = {"target_modules": ["q_proj", "v_proj", "down_proj"], "boft_block_size": 4}
 
@@ -24,7 +24,7 @@ def work(tmp_path_factory):
     torch.set_num_threads(1)
     previous = set_fbd(False)
     root = tmp_path_factory.mktemp("boftcli")
-    base = save_tiny_base("llama", root / "base")
+    base = save_tiny_base("llama", root / "base", tokenizer=True)
     adapters = {}
     for factors in (1, 2):
         handle = adapterkit.inject(TINY_MODELS["llama"](0), "boft", {**CONFIG, "boft_n_butterfly_factor": factors})

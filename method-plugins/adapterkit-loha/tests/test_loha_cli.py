@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
 import torch
 
@@ -25,35 +22,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bert": {"r": 3, "alpha": 5, "target_modules": ["query", "value", "output.dense"],
              "alpha_pattern": {"value": 2}},
 }
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-
-
-def char_tokenizer() -> Any:
-    """A character-level fast tokenizer inside the tiny models' vocabulary of 128 (no downloads)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *(chr(c) for c in range(32, 127))])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def save_tiny_base(kind: str, folder: Path, seed: int = 0) -> Path:
-    """A tiny seeded model of adapterkit.testing saved as a Hugging Face folder, with a tokenizer."""
-    TINY_MODELS[kind](seed).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m adapterkit ARGS`` in a subprocess (the installed plugins, as a user sees them)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ADAPTERKIT_PLUGINS", None)
-    return subprocess.run([sys.executable, "-m", "adapterkit", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +29,7 @@ def work(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lohacli")
-    base = save_tiny_base("llama", root / "base")
+    base = save_tiny_base("llama", root / "base", tokenizer=True)
     handle = adapterkit.inject(TINY_MODELS["llama"](0), "loha", CONFIGS["llama"])
     perturb(handle.parameters(), seed=4, scale=0.3)
     adapter = adapterkit.save(handle.to_adapter(), root / "loha")

@@ -43,7 +43,7 @@ def test_a_conv2d_target_is_refused_clearly():
     import torch
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 4))
-    with pytest.raises(adapterkit.UsageError, match="LoHa adapts only nn.Linear and transformers Conv1D"):
+    with pytest.raises(adapterkit.UsageError, match="loha adapts only nn.Linear and transformers Conv1D"):
         adapterkit.inject(model, "loha", {"target_modules": ["0"]})
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
-from lokr_helpers import CONFIGS, run_cli, save_base
+from lokr_helpers import CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def work(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lokrcli")
-    base = save_base("llama", root / "base")
+    base = save_tiny_base("llama", root / "base", tokenizer=True)
     model = TINY_MODELS["llama"](0)
     handle = adapterkit.inject(model, "lokr", CONFIGS["llama"])
     perturb(handle.parameters(), seed=4, scale=0.3)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
-from oft_helpers import CONFIGS, NOISE, run_cli, save_tiny_base
+from oft_helpers import CONFIGS, NOISE
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def work(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("oftcli")
-    base = save_tiny_base("llama", root / "base")
+    base = save_tiny_base("llama", root / "base", tokenizer=True)
     model = TINY_MODELS["llama"](0)
     handle = adapterkit.inject(model, "oft", CONFIGS["llama"])
     perturb(handle.parameters(), seed=4, scale=NOISE)

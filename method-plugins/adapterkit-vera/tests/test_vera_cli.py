@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs
+from adapterkit.testing import TINY_MODELS, outputs, perturb, run_cli, sample_inputs, save_tiny_base
 
-from vera_helpers import CONFIGS, run_cli, save_base_with_tokenizer
+from vera_helpers import CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def work(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("veracli")
-    base = save_base_with_tokenizer("llama", root / "base")
+    base = save_tiny_base("llama", root / "base", tokenizer=True)
     handle = adapterkit.inject(TINY_MODELS["llama"](0), "vera", CONFIGS["llama"])
     perturb(handle.parameters(), seed=4, scale=0.5)
     adapter = adapterkit.save(handle.to_adapter(), root / "vera")

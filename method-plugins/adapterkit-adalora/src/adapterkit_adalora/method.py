@@ -25,8 +25,6 @@ This module imports no torch.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +32,7 @@ import numpy as np
 
 from adapterkit import (
     DeltaWeight, Factors, LowRank, Method, TensorFileError, TrainingHooks, UsageError, WeightAdapterMethod,
-    in_out_features, matches_target,
+    check_layers, check_selection, in_out_features, is_int, is_number,
 )
 
 KINDS = ("linear", "conv1d")
@@ -95,28 +93,6 @@ def _bad(field: str, message: str, found: Any, hint: str | None = None) -> Usage
                       code="bad_option")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def peft_layer_index(path: str, layers_pattern: Any = None) -> int | None:
-    """The layer number PEFT's ``check_target_module_exists`` reads for ``layers_to_transform``: the first
-    all-digit segment after a named one, or after one of ``layers_pattern`` when it is given."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
-    else:
-        match = None
-        for name in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", path)
-            if match:
-                break
-    return int(match.group(1)) if match else None
-
-
 def pattern_key(module: str) -> str:
     """The key of ``module`` in PEFT's AdaLoRA ``rank_pattern`` (adapter name stripped): ``<module>.lora_E``."""
     return f"{module}.lora_E"
@@ -140,45 +116,29 @@ def scale(config: Mapping[str, Any], r: int) -> float:
     return scaling / ranknum(config)
 
 
-def check_config(config: Mapping[str, Any]) -> None:
-    """Every rule of the config (PEFT's ``AdaLoraConfig.__post_init__`` and ``RankAllocator``), as UsageErrors."""
+def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config, normalised, if it keeps every rule (PEFT's ``AdaLoraConfig.__post_init__`` and
+    ``RankAllocator``); else a UsageError naming the field."""
     unknown = sorted(set(config) - set(CONFIG_SCHEMA["properties"]))
     if unknown:
         raise UsageError(f"unknown adalora option {unknown[0]!r}", location=f"$.method.config.{unknown[0]}",
                          expected=sorted(CONFIG_SCHEMA["properties"]), hint="check the spelling (PEFT's field names)",
                          code="bad_option")
-    rule = config.get("target_modules")
-    if isinstance(rule, str):
-        try:
-            re.compile(rule)
-        except re.error as exc:
-            raise _bad("target_modules", f"is not a valid regular expression: {exc}", rule) from None
-    elif not (isinstance(rule, list) and rule and all(isinstance(v, str) and v for v in rule)):
-        raise _bad("target_modules", "must be a non-empty list of module names or a regular expression", rule,
-                   'e.g. ["q_proj", "v_proj"]')
-    exclude = config.get("exclude_modules")
-    if exclude is not None and not (isinstance(exclude, str) or
-                                    (isinstance(exclude, list) and all(isinstance(v, str) for v in exclude))):
-        raise _bad("exclude_modules", "must be null, a list of names or a regular expression", exclude)
-    layers = config.get("layers_to_transform")
-    if layers is not None and not (_is_int(layers) and layers >= 0 or isinstance(layers, list) and layers
-                                   and all(_is_int(v) and v >= 0 for v in layers)):
-        raise _bad("layers_to_transform", "must be null, a layer index or a list of them", layers)
+    config = dict(config)
+    rule = config["target_modules"] = check_selection("target_modules", config.get("target_modules"))
+    config["exclude_modules"] = check_selection("exclude_modules", config.get("exclude_modules") or None, nullable=True)
+    layers, config["layers_pattern"] = check_layers(config.get("layers_to_transform"), config.get("layers_pattern"))
+    config["layers_to_transform"] = layers
     if layers is not None and isinstance(rule, str):
         raise _bad("layers_to_transform", "cannot be used when target_modules is a regular expression", layers,
                    "PEFT refuses it too: name the modules, or put the layers into the expression")
-    pattern = config.get("layers_pattern")
-    if pattern is not None and not (isinstance(pattern, str) or isinstance(pattern, list)
-                                    and all(isinstance(v, str) for v in pattern)):
-        raise _bad("layers_pattern", "must be null, a name or a list of names", pattern)
-    if pattern and layers is None:
-        raise _bad("layers_pattern", "needs layers_to_transform", pattern)
     for field, minimum in (("init_r", 1), ("target_r", 0), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
         value = config.get(field)
-        if not (_is_int(value) and value >= minimum):
+        if not (is_int(value) and value >= minimum):
             raise _bad(field, f"must be an integer >= {minimum}", value)
+        config[field] = int(value)
     for field in ("lora_alpha", "lora_dropout", "beta1", "beta2", "orth_reg_weight"):
-        if not _is_number(config.get(field)):
+        if not is_number(config.get(field)):
             raise _bad(field, "must be a finite number", config.get(field))
     if not 0 <= config["lora_dropout"] < 1:
         raise _bad("lora_dropout", "must be in [0, 1)", config["lora_dropout"])
@@ -189,8 +149,9 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise _bad("orth_reg_weight", "must be >= 0", config["orth_reg_weight"])
     total = config.get("total_step")
     if total is not None:
-        if not (_is_int(total) and total >= 1):
+        if not (is_int(total) and total >= 1):
             raise _bad("total_step", "must be null or an integer >= 1", total)
+        config["total_step"] = total = int(total)
         if config["tinit"] >= total - config["tfinal"]:
             raise _bad("total_step", f"leaves no budgeting phase: tinit ({config['tinit']}) must be below total_step - "
                        f"tfinal ({total - config['tfinal']})", total, "decrease tfinal / tinit or increase total_step")
@@ -205,6 +166,7 @@ def check_config(config: Mapping[str, Any]) -> None:
                 raise UsageError(f"rank_pattern[{key!r}] must be a list of {config['init_r']} booleans (one per "
                                  "initial rank, PEFT's form)", location=f"$.method.config.rank_pattern.{key}",
                                  found=mask, code="bad_option")
+    return config
 
 
 class AdaLoraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight, TrainingHooks):
@@ -229,16 +191,14 @@ class AdaLoraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight, TrainingH
         return dict(DEFAULTS)
 
     def resolve_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        config = {**self.default_config(), **config}
-        check_config(config)
-        return config
+        return check_config({**self.default_config(), **config})
 
     def target_schema(self) -> dict[str, Any]:
         return TARGET_SCHEMA
 
     def _rank(self, target: Mapping[str, Any], config: Mapping[str, Any]) -> int:
         r = target.get("r", config.get("init_r", DEFAULTS["init_r"]))
-        return int(r) if _is_int(r) else 0
+        return int(r) if is_int(r) else 0
 
     def expected_tensors(self, module: str, target: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         r = self._rank(target, config)
@@ -251,13 +211,13 @@ class AdaLoraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight, TrainingH
         if target.get("kind") not in KINDS:
             problems.append(f"kind {target.get('kind')!r} is not one AdaLoRA adapts here; expected one of {list(KINDS)}")
         shape = target.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
             problems.append(f"shape {shape!r} is not a 2-d weight shape")
         r = target.get("r")
         init_r = config.get("init_r", DEFAULTS["init_r"])
-        if not (_is_int(r) and r >= 0):
+        if not (is_int(r) and r >= 0):
             problems.append(f"r must be an integer >= 0, not {r!r}")
-        elif _is_int(init_r) and r > init_r:
+        elif is_int(init_r) and r > init_r:
             problems.append(f"r ({r}) is above init_r ({init_r}): AdaLoRA only prunes ranks")
         return problems
 
@@ -288,26 +248,7 @@ class AdaLoraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight, TrainingH
         """PEFT's ``SVDLinear.get_delta_weight`` in float32, in the stored orientation (transposed for Conv1D)."""
         return self.lora_factors(module, target, config, tensors).delta(target.get("kind", "linear"))
 
-    # ---- torch: module selection and parameters ------------------------------------
-    def select(self, model: Any, config: Mapping[str, Any]) -> dict[str, Any]:
-        """PEFT's selection: ``target_modules``, then ``layers_to_transform`` under ``layers_pattern``, minus
-        ``exclude_modules``."""
-        from adapterkit import select_modules
-
-        selected = select_modules(model, config["target_modules"], method=self.name)
-        layers = config.get("layers_to_transform")
-        if layers is not None:
-            wanted = {layers} if _is_int(layers) else set(layers)
-            selected = {p: m for p, m in selected.items() if peft_layer_index(p, config.get("layers_pattern")) in wanted}
-        exclude = config.get("exclude_modules")
-        if exclude:
-            selected = {p: m for p, m in selected.items() if not matches_target(p, exclude)}
-        if not selected:
-            raise UsageError("no module is left to adapt (layers_to_transform / exclude_modules)",
-                             location="$.method.config.target_modules", found=config["target_modules"],
-                             code="no_targets")
-        return selected
-
+    # ---- torch: parameters ------------------------------------
     def new_parameters(self, layer: Any, config: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
         from .layer import new_parameters
 

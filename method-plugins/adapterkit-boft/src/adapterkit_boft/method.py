@@ -24,7 +24,6 @@ the code here is written anew. This module imports no torch.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -32,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from adapterkit import (
-    BaseModelError, MergedWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, in_out_features,
+    BaseModelError, MergedWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, check_layers,
+    check_selection, in_out_features, is_int,
 )
 
 KINDS = ("linear", "conv1d")
@@ -179,10 +179,6 @@ def rotate(weight: np.ndarray, q: np.ndarray, perms: tuple[tuple[int, ...], ...]
     return weight
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class BoftMethod(WeightAdapterMethod, Method, MergedWeight):
     """BOFT: a butterfly product of block-diagonal orthogonal rotations of each module's inputs, and an
     output scale (mergeable; the rotation needs the base weight, so merging and to-lora take the base)."""
@@ -208,29 +204,13 @@ class BoftMethod(WeightAdapterMethod, Method, MergedWeight):
         if unknown:
             raise UsageError(f"unknown boft option {unknown[0]!r}", location=f"$.method.config.{unknown[0]}",
                              expected=sorted(CONFIG_SCHEMA["properties"]), hint="check the spelling", code="bad_option")
-        for key in ("target_modules", "exclude_modules"):
-            value = config.get(key)
-            if value is None and key == "exclude_modules":
-                continue
-            if isinstance(value, str) and value:
-                if value == "all-linear":
-                    continue
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    raise _bad(key, f"{key} is not a valid regular expression: {exc}", value) from None
-            elif not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-                raise _bad(key, f"{key} must be a non-empty list of module names or a regular expression", value,
-                           'e.g. ["q_proj", "v_proj"]')
-        layers = config["layers_to_transform"]
-        if _int(layers):
-            config["layers_to_transform"] = layers = [layers]
-        if layers is not None and not (isinstance(layers, list) and layers and all(_int(v) and v >= 0 for v in layers)):
-            raise _bad("layers_to_transform", "layers_to_transform must be a layer index >= 0, a non-empty list of "
-                       "them, or null", layers)
+        config["target_modules"] = check_selection("target_modules", config["target_modules"])
+        config["exclude_modules"] = check_selection("exclude_modules", config.get("exclude_modules"), nullable=True)
+        config["layers_to_transform"], _ = check_layers(config["layers_to_transform"], None)
         for key, low in (("boft_block_size", 0), ("boft_block_num", 0), ("boft_n_butterfly_factor", 1)):
-            if not (_int(config[key]) and config[key] >= low):
+            if not (is_int(config[key]) and config[key] >= low):
                 raise _bad(key, f"{key} must be an integer >= {low}", config[key])
+            config[key] = int(config[key])
         if (config["boft_block_size"] == 0) == (config["boft_block_num"] == 0):
             raise _bad("boft_block_size", "exactly one of boft_block_size and boft_block_num must be non-zero "
                        "(block_size * block_num == in_features)",
@@ -270,10 +250,10 @@ class BoftMethod(WeightAdapterMethod, Method, MergedWeight):
         if target.get("kind") not in KINDS:
             problems.append(f"kind {target.get('kind')!r} is not one BOFT adapts; expected one of {list(KINDS)}")
         shape = target.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
             problems.append(f"shape {shape!r} is not a 2-d weight shape [d0, d1]")
             return problems
-        if not all(_int(target.get(k)) and target[k] > 0 for k in FIELDS):
+        if not all(is_int(target.get(k)) and target[k] > 0 for k in FIELDS):
             problems.append(f"{', '.join(FIELDS)} must be integers >= 1")
             return problems
         fan_in, _ = in_out_features(target.get("kind", "linear"), shape)

@@ -21,14 +21,13 @@ effect. This module imports no torch (``adapterkit_loha.layer`` does).
 from __future__ import annotations
 
 import difflib
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from adapterkit import DeltaWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, pattern_value
+from adapterkit import (DeltaWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, check_layers,
+                        check_pattern_map, check_selection, config_error, is_int, is_number, pattern_value)
 
 from .math import PARAMS, loha_delta, loha_scale
 
@@ -108,93 +107,6 @@ TARGET_SCHEMA: dict[str, Any] = {
 }
 
 
-# ---- PEFT's selection rules, restated (peft.tuners.tuners_utils.check_target_module_exists) ----------
-
-def peft_layer_index(path: str, layers_pattern: Any = None) -> int | None:
-    """The layer number PEFT reads from ``path`` for ``layers_to_transform``: without ``layers_pattern``
-    the first numbered segment after a named one, else the number after one of the pattern(s)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
-            if match:
-                break
-    return int(match["idx"]) if match else None
-
-
-def excluded(path: str, exclude: Any) -> bool:
-    """PEFT's ``exclude_modules`` rule: a regex full-matches, or a name equals the path or ends it after a dot."""
-    if not exclude:
-        return False
-    if isinstance(exclude, str):
-        return re.fullmatch(exclude, path) is not None
-    return path in exclude or any(path.endswith(f".{name}") for name in exclude)
-
-
-def in_layers(path: str, config: Mapping[str, Any]) -> bool:
-    """PEFT's ``layers_to_transform`` rule (it applies to a list ``target_modules``, "all-linear" included)."""
-    layers = config.get("layers_to_transform")
-    if not layers or isinstance(config.get("target_modules"), str) and config["target_modules"] != ALL_LINEAR:
-        return True
-    index = peft_layer_index(path, config.get("layers_pattern"))
-    return index is not None and index in layers
-
-
-# ---- config checks -------------------------------------------------------------------------------
-
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
-
-
-def _is_int(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _regex(key: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise _fail(key, f"{pattern!r} is not a valid regular expression ({exc})", pattern,
-                    "escape special characters or use a list of module names") from None
-
-
-def _selection(key: str, value: Any, nullable: bool) -> Any:
-    if value is None and nullable:
-        return None
-    if isinstance(value, str) and value:
-        if value != ALL_LINEAR:
-            _regex(key, value)
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) and v for v in value):
-        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    raise _fail(key, f"{key} must be a non-empty list of module names or a regex" + (", or null" if nullable else ""),
-                value, 'e.g. ["q_proj", "v_proj"]')
-
-
-def _pattern_map(key: str, value: Any, integer: bool) -> dict[str, Any]:
-    what = "an integer >= 1" if integer else "a number > 0"
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(key, f"{key} must map module names or regexes to {what}", value, f'e.g. {{"v_proj": 4}}')
-    out = {}
-    for pattern, number in value.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise _fail(key, "keys must be non-empty module names or regexes", pattern, 'use strings such as "q_proj"')
-        _regex(key, pattern)
-        ok = (_is_int(number) and number >= 1) if integer else (_is_number(number) and number > 0)
-        if not ok:
-            raise _fail(key, f"value of {pattern!r} must be {what}", number, f"fix the {key} entry for {pattern!r}")
-        out[pattern] = int(number) if integer else number
-    return out
-
-
 def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     """The full LoHa config (defaults filled, values normalised); UsageError names the field and the fix."""
     if not isinstance(config, Mapping):
@@ -209,44 +121,25 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
             raise UsageError(f"unknown LoHa option {key!r}", location=f"$.method.config.{key}", expected=sorted(DEFAULTS),
                              hint=f"did you mean {guess!r}?" if guess else "remove it", code="bad_config")
     out = {**DEFAULTS, **config}
-    if not _is_int(out["r"]) or out["r"] < 1:
-        raise _fail("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
+    if not is_int(out["r"]) or out["r"] < 1:
+        raise config_error("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
     out["r"] = int(out["r"])
-    if not _is_number(out["alpha"]) or out["alpha"] <= 0:
-        raise _fail("alpha", "alpha must be a number > 0", out["alpha"], "e.g. alpha=16 (scale = alpha / r)")
-    if not _is_number(out["rank_dropout"]) or not 0 <= out["rank_dropout"] < 1:
-        raise _fail("rank_dropout", "rank_dropout must be a number in [0, 1)", out["rank_dropout"], "e.g. 0.1")
-    if not _is_number(out["module_dropout"]) or not 0 <= out["module_dropout"] <= 1:
-        raise _fail("module_dropout", "module_dropout must be a number in [0, 1]", out["module_dropout"], "e.g. 0.1")
+    if not is_number(out["alpha"]) or out["alpha"] <= 0:
+        raise config_error("alpha", "alpha must be a number > 0", out["alpha"], "e.g. alpha=16 (scale = alpha / r)")
+    if not is_number(out["rank_dropout"]) or not 0 <= out["rank_dropout"] < 1:
+        raise config_error("rank_dropout", "rank_dropout must be a number in [0, 1)", out["rank_dropout"], "e.g. 0.1")
+    if not is_number(out["module_dropout"]) or not 0 <= out["module_dropout"] <= 1:
+        raise config_error("module_dropout", "module_dropout must be a number in [0, 1]", out["module_dropout"],
+                           "e.g. 0.1")
     out["rank_dropout"], out["module_dropout"] = float(out["rank_dropout"]), float(out["module_dropout"])
     for key in ("use_effective_conv2d", "init_weights"):
         if not isinstance(out[key], bool):
-            raise _fail(key, f"{key} must be true or false", out[key], f"pass {key}=true or false")
-    out["target_modules"] = _selection("target_modules", out["target_modules"], nullable=False)
-    out["exclude_modules"] = _selection("exclude_modules", out["exclude_modules"], nullable=True)
-    layers = out["layers_to_transform"]
-    if _is_int(layers):
-        layers = [layers]
-    if layers is not None:
-        if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
-            raise _fail("layers_to_transform", "layers_to_transform must be a non-empty list of layer indices >= 0, "
-                        "or null", layers, "e.g. layers_to_transform=[0, 1]")
-        layers = [int(i) for i in layers]
-    out["layers_to_transform"] = layers
-    pattern = out["layers_pattern"]
-    if pattern is not None:
-        names = [pattern] if isinstance(pattern, str) else pattern
-        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(p, str) and p for p in names):
-            raise _fail("layers_pattern", "layers_pattern must be a name, a list of names, or null", pattern,
-                        'e.g. layers_pattern="layers"')
-        for item in names:
-            _regex("layers_pattern", item)
-        out["layers_pattern"] = pattern if isinstance(pattern, str) else list(pattern)
-        if layers is None:
-            raise _fail("layers_pattern", "layers_pattern needs layers_to_transform (PEFT refuses it alone too)",
-                        pattern, "set layers_to_transform, or remove layers_pattern")
-    out["rank_pattern"] = _pattern_map("rank_pattern", out["rank_pattern"], integer=True)
-    out["alpha_pattern"] = _pattern_map("alpha_pattern", out["alpha_pattern"], integer=False)
+            raise config_error(key, f"{key} must be true or false", out[key], f"pass {key}=true or false")
+    out["target_modules"] = check_selection("target_modules", out["target_modules"])
+    out["exclude_modules"] = check_selection("exclude_modules", out["exclude_modules"], nullable=True)
+    out["layers_to_transform"], out["layers_pattern"] = check_layers(out["layers_to_transform"], out["layers_pattern"])
+    out["rank_pattern"] = check_pattern_map("rank_pattern", out["rank_pattern"], integer=True)
+    out["alpha_pattern"] = check_pattern_map("alpha_pattern", out["alpha_pattern"], integer=False)
     return out
 
 
@@ -302,12 +195,12 @@ class LohaMethod(WeightAdapterMethod, Method, DeltaWeight):
             problems.append(f"kind {target.get('kind')!r} is not one LoHa adapts here; expected one of {list(KINDS)} "
                             "(convolutions are not supported)")
         shape = target.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
             problems.append(f"shape {shape!r} is not a 2-d weight shape")
         r = target.get("r")
-        if not (_is_int(r) and r >= 1):
+        if not (is_int(r) and r >= 1):
             problems.append(f"r {r!r} must be an integer >= 1")
-        if not (_is_number(target.get("alpha")) and target["alpha"] > 0):
+        if not (is_number(target.get("alpha")) and target["alpha"] > 0):
             problems.append(f"alpha {target.get('alpha')!r} must be a number > 0")
         return problems
 
@@ -325,26 +218,10 @@ class LohaMethod(WeightAdapterMethod, Method, DeltaWeight):
         return np.ascontiguousarray(delta.T) if target.get("kind") == "conv1d" else delta
 
     # ---- torch (adapterkit_loha.layer imports torch) ------------------------------------
-    def select(self, model: Any, config: Mapping[str, Any]) -> dict[str, Any]:
-        """PEFT's selection: ``target_modules`` (names, regex or all-linear), minus ``exclude_modules``, within
-        ``layers_to_transform`` read with ``layers_pattern`` (``check_target_module_exists``)."""
-        import adapterkit
-
-        selected = adapterkit.select_modules(model, config["target_modules"], method="LoHa")
-        kept = {p: m for p, m in selected.items() if not excluded(p, config.get("exclude_modules")) and in_layers(p, config)}
-        if not kept:
-            raise UsageError("exclude_modules / layers_to_transform leave no module to adapt",
-                             location="$.method.config.layers_to_transform" if config.get("layers_to_transform")
-                             else "$.method.config.exclude_modules",
-                             found={k: config.get(k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern")},
-                             hint="check the layer indices and names against the model", code="no_targets")
-        return kept
-
     def new_parameters(self, layer: Any, config: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
         from .layer import new_parameters
 
         return new_parameters(layer, int(target["r"]), bool(config.get("init_weights", True)))
 
 
-__all__ = ["CONFIG_SCHEMA", "DEFAULTS", "LohaMethod", "TARGET_SCHEMA", "excluded", "factor_shapes", "in_layers",
-           "out_in", "peft_layer_index", "resolve"]
+__all__ = ["CONFIG_SCHEMA", "DEFAULTS", "LohaMethod", "TARGET_SCHEMA", "factor_shapes", "out_in", "resolve"]

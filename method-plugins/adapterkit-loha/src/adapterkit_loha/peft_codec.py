@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from adapterkit import (
-    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, TensorFileError, check_tensor_dims,
-    read_safetensors_header,
+    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, TensorFileError, check_tensor_dims, is_int,
+    is_number, read_safetensors_header,
 )
 
 from .math import PARAMS
@@ -55,14 +55,6 @@ _PATTERNS = (("r", "rank_pattern"), ("alpha", "alpha_pattern"))
 
 def _bad(message: str, file: str, location: str, found: Any, hint: str = _FIX) -> FormatError:
     return FormatError(message, file=file, location=location, found=found, hint=hint, code="bad_config")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class LohaPeftCodec(Codec):
@@ -199,12 +191,12 @@ def _split(context: Any, key: str) -> tuple[str | None, str | None]:
 def _check_config(config: Mapping[str, Any], file: str) -> None:
     """LoHa's own fields (the format checked target_modules, exclude_modules, layers_to_transform, layers_pattern)."""
     r = config.get("r", DEFAULTS["r"])
-    if not _is_int(r) or r < 1:
+    if not is_int(r) or r < 1:
         raise _bad("r must be a positive integer", file, "$.r", r)
     alpha = config.get("alpha", DEFAULTS["alpha"])
-    if not _is_number(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise _bad("alpha must be a number > 0", file, "$.alpha", alpha)
-    for name, check in (("rank_pattern", lambda v: _is_int(v) and v >= 1), ("alpha_pattern", lambda v: _is_number(v) and v > 0)):
+    for name, check in (("rank_pattern", lambda v: is_int(v) and v >= 1), ("alpha_pattern", lambda v: is_number(v) and v > 0)):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
             raise _bad(f"{name} must map module names to numbers > 0", file, f"$.{name}", pattern)
@@ -212,7 +204,7 @@ def _check_config(config: Mapping[str, Any], file: str) -> None:
         value = config.get(name, 0.0)
         if value is None:
             continue
-        if not _is_number(value) or not 0 <= value <= top or (name == "rank_dropout" and value == 1):
+        if not is_number(value) or not 0 <= value <= top or (name == "rank_dropout" and value == 1):
             raise LossyConversionError(f"{name} {value!r} cannot be held by the loha method (it takes "
                                        f"{'[0, 1)' if name == 'rank_dropout' else '[0, 1]'})", file=file,
                                        location=f"$.{name}", found=value, code="unsupported")

@@ -17,16 +17,14 @@ the stored weight (transposed for GPT-2's Conv1D). This module imports no torch.
 from __future__ import annotations
 
 import difflib
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
-    DeltaWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, canonical_key, in_out_features,
-    matches_target, pattern_value,
+    DeltaWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, canonical_key, check_layers,
+    check_pattern_map, check_selection, config_error, in_out_features, is_int, is_number, pattern_value,
 )
 
 from .math import PARAMS, lokr_delta, peft_layout, scale_of, tensor_shapes
@@ -117,59 +115,6 @@ TARGET_SCHEMA: dict[str, Any] = {
 }
 
 
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
-
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _regex(key: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise _fail(key, f"{pattern!r} is not a valid regular expression ({exc})", pattern,
-                    "escape special characters or use a list of module names") from None
-
-
-def _names(key: str, value: Any, allow_none: bool) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str) and value:
-        if value != ALL_LINEAR or key != "target_modules":
-            _regex(key, value)
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) and v for v in value):
-        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    raise _fail(key, f"{key} must be a non-empty list of module names or a regular expression"
-                + (" (or null)" if allow_none else ""), value, 'e.g. ["q_proj", "v_proj"]')
-
-
-def _pattern_map(key: str, value: Any, positive_int: bool) -> dict[str, Any]:
-    what = "an integer >= 1" if positive_int else "a number"
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(key, f"{key} must map module names or regexes to {what}", value, f'e.g. {{"q_proj": 4}}')
-    out = {}
-    for pattern, number in value.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise _fail(key, "keys must be non-empty module names or regexes", pattern, 'use strings such as "q_proj"')
-        _regex(key, pattern)
-        ok = (_is_int(number) and number >= 1) if positive_int else _is_number(number)
-        if not ok:
-            raise _fail(key, f"value of {pattern!r} must be {what}", number, f"fix the {key} entry for {pattern!r}")
-        out[pattern] = int(number) if positive_int else number
-    return out
-
-
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The full LoKr config (defaults filled, values normalised); UsageError names the field and the fix."""
     if not isinstance(config, Mapping):
@@ -181,59 +126,31 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
                              expected=sorted(DEFAULTS), code="bad_config",
                              hint=f"did you mean {suggestion!r}?" if suggestion else "remove it")
     out = {**DEFAULTS, **config}
-    if not _is_int(out["r"]) or out["r"] < 1:
-        raise _fail("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
+    if not is_int(out["r"]) or out["r"] < 1:
+        raise config_error("r", "r must be an integer >= 1", out["r"], "pass a positive rank such as r=8")
     out["r"] = int(out["r"])
-    if not _is_number(out["alpha"]):
-        raise _fail("alpha", "alpha must be a finite number", out["alpha"], "e.g. alpha=16 (scale = alpha / r)")
+    if not is_number(out["alpha"]):
+        raise config_error("alpha", "alpha must be a finite number", out["alpha"], "e.g. alpha=16 (scale = alpha / r)")
     for key in ("rank_dropout", "module_dropout"):
-        if not _is_number(out[key]) or not 0 <= out[key] < 1:
-            raise _fail(key, f"{key} must be a number in [0, 1)", out[key], f"e.g. {key}=0.1 (training only)")
+        if not is_number(out[key]) or not 0 <= out[key] < 1:
+            raise config_error(key, f"{key} must be a number in [0, 1)", out[key], f"e.g. {key}=0.1 (training only)")
         out[key] = float(out[key])
     for key in ("rank_dropout_scale", "decompose_both", "use_effective_conv2d"):
         if not isinstance(out[key], bool):
-            raise _fail(key, f"{key} must be true or false", out[key], f"pass {key}=true or false")
-    if not _is_int(out["decompose_factor"]):
-        raise _fail("decompose_factor", "decompose_factor must be an integer", out["decompose_factor"],
-                    "-1 (split each dimension near its square root) or a divisor such as 4")
+            raise config_error(key, f"{key} must be true or false", out[key], f"pass {key}=true or false")
+    if not is_int(out["decompose_factor"]):
+        raise config_error("decompose_factor", "decompose_factor must be an integer", out["decompose_factor"],
+                           "-1 (split each dimension near its square root) or a divisor such as 4")
     out["decompose_factor"] = int(out["decompose_factor"])
     if not (isinstance(out["init_weights"], bool) or out["init_weights"] == "lycoris"):
-        raise _fail("init_weights", 'init_weights must be true, false or "lycoris"', out["init_weights"],
-                    "true: a new adapter changes nothing (W1 zero)")
-    out["target_modules"] = _names("target_modules", out["target_modules"], allow_none=False)
-    out["exclude_modules"] = _names("exclude_modules", out["exclude_modules"], allow_none=True)
-    layers = out["layers_to_transform"]
-    if _is_int(layers):
-        layers = [layers]
-    if layers is not None:
-        if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
-            raise _fail("layers_to_transform", "layers_to_transform must be a non-empty list of layer indices >= 0, or "
-                        "null", layers, "e.g. layers_to_transform=[0, 1]")
-        layers = [int(i) for i in layers]
-    out["layers_to_transform"] = layers
-    pattern = out["layers_pattern"]
-    if pattern is not None:
-        out["layers_pattern"] = _names("layers_pattern", pattern, allow_none=True)
-        if layers is None:
-            raise _fail("layers_pattern", "layers_pattern needs layers_to_transform", pattern,
-                        "give layers_to_transform too, or leave layers_pattern out (PEFT refuses it too)")
-    out["rank_pattern"] = _pattern_map("rank_pattern", out["rank_pattern"], positive_int=True)
-    out["alpha_pattern"] = _pattern_map("alpha_pattern", out["alpha_pattern"], positive_int=False)
+        raise config_error("init_weights", 'init_weights must be true, false or "lycoris"', out["init_weights"],
+                           "true: a new adapter changes nothing (W1 zero)")
+    out["target_modules"] = check_selection("target_modules", out["target_modules"])
+    out["exclude_modules"] = check_selection("exclude_modules", out["exclude_modules"], nullable=True)
+    out["layers_to_transform"], out["layers_pattern"] = check_layers(out["layers_to_transform"], out["layers_pattern"])
+    out["rank_pattern"] = check_pattern_map("rank_pattern", out["rank_pattern"], integer=True)
+    out["alpha_pattern"] = check_pattern_map("alpha_pattern", out["alpha_pattern"], integer=False, positive=False)
     return out
-
-
-def peft_layer_index(path: str, layers_pattern: Any = None) -> int | None:
-    """The layer number PEFT 0.21 reads for ``layers_to_transform`` (``check_target_module_exists``): the number
-    after a ``layers_pattern`` component, or, without one, the first number after a named component."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
-            if match:
-                break
-    return int(match["idx"]) if match else None
 
 
 class LokrMethod(WeightAdapterMethod, Method, DeltaWeight):
@@ -266,12 +183,12 @@ class LokrMethod(WeightAdapterMethod, Method, DeltaWeight):
         if target.get("kind") not in KINDS:
             problems.append(f"kind {target.get('kind')!r} is not one LoKr adapts; expected one of {list(KINDS)}")
         shape = target.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
             return [*problems, f"shape {shape!r} is not a 2-d weight shape"]
         r = target.get("r")
-        if not (_is_int(r) and r >= 1):
+        if not (is_int(r) and r >= 1):
             problems.append(f"r {r!r} is not an integer >= 1")
-        if not _is_number(target.get("alpha")):
+        if not is_number(target.get("alpha")):
             problems.append(f"alpha {target.get('alpha')!r} is not a finite number")
         for flag in ("w1_full", "w2_full"):
             if not isinstance(target.get(flag), bool):
@@ -279,7 +196,7 @@ class LokrMethod(WeightAdapterMethod, Method, DeltaWeight):
         fan_in, fan_out = in_out_features(target.get("kind", "linear"), shape)
         for name, total in (("out_factors", fan_out), ("in_factors", fan_in)):
             pair = target.get(name)
-            if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(d) and d > 0 for d in pair)):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(is_int(d) and d > 0 for d in pair)):
                 problems.append(f"{name} {pair!r} is not a pair of positive integers")
             elif pair[0] * pair[1] != total:
                 problems.append(f"{name} {pair} multiply to {pair[0] * pair[1]}, the module has {total} "
@@ -304,26 +221,6 @@ class LokrMethod(WeightAdapterMethod, Method, DeltaWeight):
 
         return LokrLayer
 
-    def select(self, model: Any, config: Mapping[str, Any]) -> dict[str, Any]:
-        """PEFT's selection: target_modules (or all-linear), minus exclude_modules, then layers_to_transform
-        by PEFT's layer index (``layers_pattern``) for a list of names."""
-        from adapterkit import select_modules
-
-        selected = select_modules(model, config["target_modules"], method=self.name)
-        exclude = config.get("exclude_modules")
-        if exclude:
-            selected = {p: m for p, m in selected.items() if not matches_target(p, exclude)}
-        layers = config.get("layers_to_transform")
-        targets = config["target_modules"]
-        if layers is not None and (not isinstance(targets, str) or targets == ALL_LINEAR):
-            selected = {p: m for p, m in selected.items()
-                        if peft_layer_index(p, config.get("layers_pattern")) in layers}
-        if not selected:
-            raise UsageError("exclude_modules / layers_to_transform leave no module to adapt",
-                             location="$.method.config.target_modules", found=config["target_modules"],
-                             hint="check exclude_modules, layers_to_transform and layers_pattern", code="no_targets")
-        return selected
-
     def target_fields(self, module: str, kind: str, shape: list[int], config: Mapping[str, Any]) -> dict[str, Any]:
         """r and alpha from rank_pattern / alpha_pattern, and PEFT's layout for them (``update_layer``)."""
         r = int(pattern_value(module, config.get("rank_pattern") or {}, config["r"]))
@@ -338,4 +235,4 @@ class LokrMethod(WeightAdapterMethod, Method, DeltaWeight):
         return new_parameters(layer, config, target)
 
 
-__all__ = ["CONFIG_SCHEMA", "DEFAULTS", "KINDS", "LokrMethod", "TARGET_SCHEMA", "peft_layer_index", "validate_config"]
+__all__ = ["CONFIG_SCHEMA", "DEFAULTS", "KINDS", "LokrMethod", "TARGET_SCHEMA", "validate_config"]

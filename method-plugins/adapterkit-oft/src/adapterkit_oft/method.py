@@ -24,20 +24,16 @@ imports no torch.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from adapterkit import (
-    BaseModelError, MergedWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, in_out_features,
-    layer_index, matches_target,
+    BaseModelError, MergedWeight, Method, TensorFileError, UsageError, WeightAdapterMethod, check_layers,
+    check_selection, in_out_features,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
 
 KINDS = ("linear", "conv1d")
 PARAM = "R"
@@ -226,20 +222,8 @@ class OftMethod(WeightAdapterMethod, Method, MergedWeight):
         if given.get("r") and "oft_block_size" not in given:
             given["oft_block_size"] = 0  # r alone: count the blocks (PEFT would refuse r with its default block size)
         out = {**DEFAULTS, **given}
-        for key in ("target_modules", "exclude_modules"):
-            value = out.get(key)
-            if value is None and key == "exclude_modules":
-                continue
-            if isinstance(value, str):
-                if not value:
-                    raise _fail(key, f"{key} is empty", value)
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    raise _fail(key, f"{key} is not a valid regular expression: {exc}", value) from None
-            elif not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-                raise _fail(key, f"{key} must be a non-empty list of module names or a regular expression", value,
-                            'e.g. ["q_proj", "v_proj"]')
+        out["target_modules"] = check_selection("target_modules", out["target_modules"])
+        out["exclude_modules"] = check_selection("exclude_modules", out["exclude_modules"], nullable=True)
         for key in ("r", "oft_block_size", "num_cayley_neumann_terms"):
             value = out[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -258,20 +242,10 @@ class OftMethod(WeightAdapterMethod, Method, MergedWeight):
         eps = out["eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
             raise _fail("eps", "eps must be a finite number > 0", eps)
-        layers = out["layers_to_transform"]
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            out["layers_to_transform"] = layers = [layers]
-        if layers is not None and not (isinstance(layers, list) and layers and
-                                       all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-            raise _fail("layers_to_transform", "layers_to_transform must be a non-empty list of layer indices >= 0, "
-                        "or null", layers)
         pattern = out["layers_pattern"]
         if isinstance(pattern, list) and len(pattern) == 1:
-            out["layers_pattern"] = pattern = pattern[0]
-        if pattern is not None and not (isinstance(pattern, str) and pattern):
-            raise _fail("layers_pattern", "layers_pattern must be one module-list name or null", pattern)
-        if pattern is not None and layers is None:
-            raise _fail("layers_pattern", "layers_pattern needs layers_to_transform", pattern)
+            pattern = pattern[0]
+        out["layers_to_transform"], out["layers_pattern"] = check_layers(out["layers_to_transform"], pattern)
         return out
 
     def target_schema(self) -> dict[str, Any]:
@@ -331,24 +305,6 @@ class OftMethod(WeightAdapterMethod, Method, MergedWeight):
 
         return OftLayer
 
-    def select(self, model: nn.Module, config: Mapping[str, Any]) -> dict[str, nn.Module]:
-        """PEFT's selection: ``target_modules``, then ``layers_to_transform`` (the index after
-        ``layers_pattern`` when given), minus ``exclude_modules``."""
-        from adapterkit import select_modules  # imports torch
-
-        selected = select_modules(model, config["target_modules"], method=self.name)
-        layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
-        if layers is not None:
-            selected = {p: m for p, m in selected.items() if _layer_of(p, pattern) in set(layers)}
-        exclude = config.get("exclude_modules")
-        if exclude:
-            selected = {p: m for p, m in selected.items() if not matches_target(p, exclude)}
-        if not selected:
-            raise UsageError("the selection (target_modules, layers_to_transform, exclude_modules) leaves no module "
-                             "to adapt", location="$.method.config.target_modules", found=config["target_modules"],
-                             code="no_targets")
-        return selected
-
     def target_fields(self, module: str, kind: str, shape: list[int], config: Mapping[str, Any]) -> dict[str, Any]:
         fan_in = in_out_features(kind, shape)[0]
         blocks, size, adjusted = blocks_for(fan_in, int(config["r"]), int(config["oft_block_size"]))
@@ -370,11 +326,3 @@ class OftMethod(WeightAdapterMethod, Method, MergedWeight):
         if not config["init_weights"]:
             torch.nn.init.normal_(value, mean=0.0, std=0.1)
         return {PARAM: torch.nn.Parameter(value)}
-
-
-def _layer_of(path: str, pattern: str | None) -> int | None:
-    """The layer number PEFT reads for ``layers_to_transform``: after ``.<layers_pattern>.`` when given."""
-    if pattern is None:
-        return layer_index(path)
-    found = re.match(rf".*\.{re.escape(pattern)}\.(\d+)\.", path) or re.match(rf"{re.escape(pattern)}\.(\d+)\.", path)
-    return int(found.group(1)) if found else None

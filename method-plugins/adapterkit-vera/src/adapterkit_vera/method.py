@@ -24,15 +24,14 @@ PEFT's ``VeraLayer.update_layer`` / ``reset_vera_parameters`` set them: ``lambda
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
-    DeltaWeight, Factors, LowRank, Method, UsageError, WeightAdapterMethod, in_out_features,
+    DeltaWeight, Factors, LowRank, Method, UsageError, WeightAdapterMethod, check_layers, check_selection,
+    config_error, in_out_features, is_int, is_number,
 )
 
 KINDS = ("linear", "conv1d")
@@ -114,26 +113,6 @@ TARGET_SCHEMA: dict[str, Any] = {
 }
 
 
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_regex(key: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise _fail(key, f"{pattern!r} is not a valid regular expression ({exc})", pattern,
-                    "escape special characters or use a list of module names") from None
-
-
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The full config (defaults filled, ``layers_to_transform`` as a list), or a UsageError at
     ``$.method.config.<field>`` naming the fix. The code twin of :data:`CONFIG_SCHEMA`."""
@@ -146,64 +125,25 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise UsageError(f"unknown vera option {unknown[0]!r}", location=f"$.method.config.{unknown[0]}",
                          expected=sorted(DEFAULTS), hint=hint, code="bad_option")
     out = {**DEFAULTS, **config}
-    if not (_is_int(out["r"]) and out["r"] >= 1):
-        raise _fail("r", "r must be an integer >= 1", out["r"], "e.g. r=256 (VeRA takes larger ranks than LoRA)")
-    targets = out["target_modules"]
-    if isinstance(targets, str):
-        if not targets:
-            raise _fail("target_modules", "target_modules is empty", targets, 'e.g. ["q_proj", "v_proj"]')
-        if targets != ALL_LINEAR:
-            _check_regex("target_modules", targets)
-    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
-        out["target_modules"] = list(targets)
-    else:
-        raise _fail("target_modules", "target_modules must be a non-empty list of module names or a regex", targets,
-                    'e.g. ["q_proj", "v_proj"], ".*attn.*" or "all-linear"')
+    if not (is_int(out["r"]) and out["r"] >= 1):
+        raise config_error("r", "r must be an integer >= 1", out["r"], "e.g. r=256 (VeRA takes larger ranks than LoRA)")
+    out["r"] = int(out["r"])
+    out["target_modules"] = check_selection("target_modules", out["target_modules"])
     key = out["projection_prng_key"]
-    if not (_is_int(key) and SEED_MIN <= key <= SEED_MAX):
-        raise _fail("projection_prng_key", "projection_prng_key must be an integer torch.manual_seed takes", key,
-                    "e.g. 0")
+    if not (is_int(key) and SEED_MIN <= key <= SEED_MAX):
+        raise config_error("projection_prng_key", "projection_prng_key must be an integer torch.manual_seed takes", key,
+                           "e.g. 0")
+    out["projection_prng_key"] = int(key)
     for name in ("save_projection", "init_weights"):
         if not isinstance(out[name], bool):
-            raise _fail(name, f"{name} must be true or false", out[name], f"{name}=true")
+            raise config_error(name, f"{name} must be true or false", out[name], f"{name}=true")
     dropout = out["vera_dropout"]
-    if not (_is_number(dropout) and 0 <= dropout < 1):
-        raise _fail("vera_dropout", "vera_dropout must be a number in [0, 1)", dropout, "e.g. 0.05")
-    if not _is_number(out["d_initial"]):
-        raise _fail("d_initial", "d_initial must be a finite number", out["d_initial"], "e.g. 0.1 (PEFT's default)")
-    layers = out["layers_to_transform"]
-    if _is_int(layers):
-        layers = [layers]
-    if layers is not None:
-        if not (isinstance(layers, (list, tuple)) and layers and all(_is_int(i) and i >= 0 for i in layers)):
-            raise _fail("layers_to_transform", "layers_to_transform must be a non-empty list of layer indices >= 0",
-                        layers, "e.g. [0, 1], or null for every layer")
-        out["layers_to_transform"] = list(layers)
-    pattern = out["layers_pattern"]
-    if pattern is not None:
-        items = [pattern] if isinstance(pattern, str) else pattern
-        if not (isinstance(items, (list, tuple)) and items and all(isinstance(p, str) and p for p in items)):
-            raise _fail("layers_pattern", "layers_pattern must be a name, a regex or a list of them", pattern,
-                        'e.g. "layers"')
-        for item in items:
-            _check_regex("layers_pattern", item)
-        if layers is None:
-            raise _fail("layers_pattern", "layers_pattern needs layers_to_transform", pattern,
-                        "give layers_to_transform too, or leave layers_pattern out")
+    if not (is_number(dropout) and 0 <= dropout < 1):
+        raise config_error("vera_dropout", "vera_dropout must be a number in [0, 1)", dropout, "e.g. 0.05")
+    if not is_number(out["d_initial"]):
+        raise config_error("d_initial", "d_initial must be a finite number", out["d_initial"], "e.g. 0.1 (PEFT's default)")
+    out["layers_to_transform"], out["layers_pattern"] = check_layers(out["layers_to_transform"], out["layers_pattern"])
     return out
-
-
-def layer_index(path: str, layers_pattern: Any = None) -> int | None:
-    """The layer number of ``path``: PEFT's rule (``check_target_module_exists``), the first numbered component
-    after a named one, or after a component matching ``layers_pattern``."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
-        return int(match[1]) if match else None
-    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
-        if match:
-            return int(match[1])
-    return None
 
 
 def projection_shapes(targets: Mapping[str, Mapping[str, Any]], r: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -260,7 +200,7 @@ class VeraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight):
         if target.get("kind") not in KINDS:
             problems.append(f"kind {target.get('kind')!r} is not one VeRA adapts; expected one of {list(KINDS)}")
         shape = target.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
             problems.append(f"shape {shape!r} is not a 2-d weight shape [d0, d1]")
         return problems
 
@@ -285,24 +225,6 @@ class VeraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight):
         return self.lora_factors(module, target, config, tensors).delta(target.get("kind", "linear"))
 
     # ---- torch: what WeightAdapterMethod asks -------------------------------
-    def select(self, model: Any, config: Mapping[str, Any]) -> dict[str, Any]:
-        """PEFT's selection: ``target_modules``; for a list of names also ``layers_to_transform`` (under
-        ``layers_pattern``). PEFT ignores the layer fields when ``target_modules`` is a regex; so does this."""
-        from adapterkit import select_modules
-
-        targets = config["target_modules"]
-        layers = config.get("layers_to_transform")
-        regex = isinstance(targets, str) and targets != ALL_LINEAR
-        selected = select_modules(model, targets, method=self.name)
-        if layers is None or regex:
-            return selected
-        pattern = config.get("layers_pattern")
-        kept = {p: m for p, m in selected.items() if layer_index(p, pattern) in layers}
-        if not kept:
-            raise UsageError("layers_to_transform leaves no module to adapt", location="$.method.config.layers_to_transform",
-                             found=layers, hint="check the layer indices (and layers_pattern)", code="no_targets")
-        return kept
-
     def new_parameters(self, layer: Any, config: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
         from .layer import new_vectors
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from adapterkit import (
-    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims, in_out_features,
+    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims, in_out_features, is_int,
     read_safetensors_header,
 )
 
@@ -42,10 +42,6 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 _BASE_HINT = ("PEFT VERA folders do not record the adapted modules' input sizes: pass the base model "
               "(--base <local model folder>, or base=<folder or torch model>)")
 _FIX = "fix the value in adapter_config.json (PEFT itself could not load it)"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _bad(message: str, file: str, field: str, found: Any, hint: str = _FIX) -> FormatError:
@@ -243,10 +239,10 @@ def _check_config(config: Mapping[str, Any], file: str) -> dict[str, Any]:
                                    "adapter and would be lost", file=file, location="$.modules_to_save",
                                    found=config["modules_to_save"], code="unsupported")
     r = config.get("r", 256)
-    if not (_is_int(r) and r >= 1):
+    if not (is_int(r) and r >= 1):
         raise _bad("r must be an integer >= 1", file, "r", r)
     key = config.get("projection_prng_key", 0)
-    if not _is_int(key) or not (-(2 ** 63) <= key <= 2 ** 64 - 1):
+    if not is_int(key) or not (-(2 ** 63) <= key <= 2 ** 64 - 1):
         raise _bad("projection_prng_key must be an integer", file, "projection_prng_key", key)
     save = config.get("save_projection", True)
     init = config.get("init_weights", True)
@@ -277,7 +273,7 @@ def _method_config(config: Mapping[str, Any], fields: Mapping[str, Any],
     out: dict[str, Any] = {"target_modules": target_modules, **fields}
     layers = config.get("layers_to_transform")
     if isinstance(target_modules, list) and layers not in (None, []):
-        out["layers_to_transform"] = [layers] if _is_int(layers) else sorted(set(layers))
+        out["layers_to_transform"] = [layers] if is_int(layers) else sorted(set(layers))
         if config.get("layers_pattern"):
             out["layers_pattern"] = config["layers_pattern"]
     return out
