@@ -11,11 +11,12 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from adapterkit import Adapter, Manifest, pattern_value, targets_fingerprint
+from adapterkit import Adapter, BaseModelError, LossyConversionError, Manifest, pattern_value, targets_fingerprint
+from adapterkit.core.format.base_model import BaseModelInfo, read_base_model
 
 from . import files, rules, selection
 
@@ -23,6 +24,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.core.plugin.registry import Registry
 
     from .releases import PeftRelease
+
+
+class BaseModule(NamedTuple):
+    """A module of the base model, as :meth:`PeftContext.base_module` gives it."""
+
+    #: ``"linear"``, ``"conv1d"`` (transformers' Conv1D), another module's class name (``"Embedding"``), or None
+    #: when the base is a folder (its checkpoint does not say)
+    kind: str | None
+    #: the stored weight shape (a Conv1D's is ``[in, out]``)
+    shape: list[int]
+    #: whether the module has a bias
+    bias: bool
 
 
 @dataclass
@@ -69,6 +82,78 @@ class PeftContext:
     def task(self, task_type: Any) -> str | None:
         """The manifest task of a PEFT ``task_type`` (``"CAUSAL_LM"`` -> ``"causal-lm"``), None when unknown."""
         return rules.task_of(task_type)
+
+    def base_module(self, module: str, kinds: Iterable[str] = ("linear", "conv1d")) -> BaseModule:
+        """``module`` in the base (``--base``): its kind, weight shape and whether it has a bias.
+
+        Refuses (:class:`adapterkit.BaseModelError`) without a base (code ``needs_base``) and a module the base
+        lacks (``wrong_base``); refuses (:class:`adapterkit.LossyConversionError`, ``unsupported``) a module whose
+        weight is not 2-d or whose kind is not one of ``kinds``. A live model gives every kind; a folder's
+        checkpoint does not say it (``kind`` None: only the weight is checked)."""
+        found = self._base_layout.get(module)
+        info = self._base_source if isinstance(self._base_source, BaseModelInfo) else None
+        if found is None and info is not None:
+            key = info.resolve(f"{module}.weight")
+            if key is not None:
+                found = BaseModule(None, [int(n) for n in info.weights[key].shape],
+                                   info.resolve(f"{module}.bias") is not None)
+        if found is None:
+            raise BaseModelError("adapted module does not exist in the base model", file=str(self.folder),
+                                 location=module, hint="is this the right base model?", code="wrong_base")
+        kinds = tuple(kinds)
+        if len(found.shape) != 2 or (found.kind is not None and found.kind not in kinds):
+            what = f"a {found.kind} module" if found.kind else f"a module with a {len(found.shape)}-d weight"
+            raise LossyConversionError(f"{module} is {what} in the base; the {self.peft_type} codec reads "
+                                       f"{' and '.join(kinds)} modules (2-d weights)", file=str(self.folder),
+                                       location=module, found=found.shape, code="unsupported")
+        return found
+
+    def base_fields(self) -> dict[str, str]:
+        """The manifest's ``base_model`` fields the base gives (``model_type``, ``architecture``); ``{}`` without
+        a base."""
+        source = self._base_source
+        if source is None:
+            return {}
+        if isinstance(source, BaseModelInfo):
+            fields = {"model_type": source.model_type, "architecture": source.architecture}
+        else:
+            config = getattr(source, "config", None)
+            fields = {"model_type": getattr(config, "model_type", None),
+                      "architecture": (getattr(config, "architectures", None) or [type(source).__name__])[0]}
+        return {k: v for k, v in fields.items() if isinstance(v, str) and v}
+
+    @functools.cached_property
+    def _base_source(self) -> Any:
+        """The base as a live torch model or a :class:`BaseModelInfo` (a folder is read once); None without one."""
+        base = self.base
+        if base is None or hasattr(base, "named_modules") or isinstance(base, BaseModelInfo):
+            return base
+        if isinstance(base, (str, Path)):
+            return read_base_model(base)
+        raise BaseModelError(f"the base option is a {type(base).__name__}", file=str(self.folder), found=repr(base),
+                             hint="pass a local model folder, a BaseModelInfo or a torch model", code="bad_base")
+
+    @functools.cached_property
+    def _base_layout(self) -> dict[str, BaseModule]:
+        """A live model's modules with a weight tensor (a BaseModelInfo is asked per module)."""
+        source = self._base_source
+        if source is None:
+            raise BaseModelError("reading this adapter needs the base model", file=str(self.folder),
+                                 hint="pass --base with the base model's local folder", code="needs_base")
+        if not hasattr(source, "named_modules"):
+            return {}
+        import torch
+
+        from adapterkit import module_kind
+
+        layout = {}
+        for path, module in source.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                kind = module_kind(module) or type(module).__name__
+                layout[path] = BaseModule(kind, [int(n) for n in weight.shape],
+                                          isinstance(getattr(module, "bias", None), torch.Tensor))
+        return layout
 
 
 @dataclass

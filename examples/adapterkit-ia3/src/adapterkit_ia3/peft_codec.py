@@ -21,16 +21,14 @@ weights' full shapes nor whether a module has a bias, so reading needs the base 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
-    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims, read_safetensors_header,
+    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims,
 )
 
 from .method import KINDS, vector_size
@@ -79,7 +77,6 @@ class Ia3PeftCodec(Codec):
         if context.base is None:
             raise FormatError("the base model is needed to read this adapter", file=str(context.folder),
                               hint=_BASE_HINT, code="needs_base")
-        layout, base_info = _base_layout(context.base)
         conv1d = bool(config.get("fan_in_fan_out", False))
         targets, tensors, dtypes = {}, {}, set()
         for module, value in sorted(vectors.items()):
@@ -88,11 +85,7 @@ class Ia3PeftCodec(Codec):
                 want = "[1, in] (feed-forward)" if feedforward else "[out, 1]"
                 raise FormatError(f"(IA)^3 vector has shape {list(value.shape)}, PEFT stores {want}", file=file,
                                   location=context.key(module, LEAF), code="tensor_shape")
-            found = layout.get(module)
-            if found is None:
-                raise BaseModelError("adapted module does not exist in the base model", location=module,
-                                     hint="is this the right base model?", code="wrong_base")
-            kind, shape, bias = found
+            kind, shape, bias = context.base_module(module)
             target = {"kind": kind or ("conv1d" if conv1d else "linear"), "shape": list(shape),
                       "feedforward": feedforward, "bias": bias}
             size = vector_size(target)
@@ -112,7 +105,7 @@ class Ia3PeftCodec(Codec):
         }
         if ff_rule:
             method_config["feedforward_modules"] = ff_rule if isinstance(ff_rule, str) else sorted(set(ff_rule))
-        return context.adapter("ia3", method_config, targets, tensors, dtypes.pop(), base_model=base_info)
+        return context.adapter("ia3", method_config, targets, tensors, dtypes.pop(), base_model=context.base_fields())
 
     # ---- write ----------------------------------------------------------------
     def refusal(self, adapter: Adapter) -> str | None:
@@ -181,42 +174,3 @@ def _feedforward_rule(targets: Mapping[str, Mapping[str, Any]], target_modules: 
             continue  # PEFT's IA3Config refuses feedforward_modules that are not among the target_modules
         return rule
     return "|".join(re.escape(m) for m in feedforward)
-
-
-def _base_layout(base: Any) -> tuple[dict[str, tuple[str | None, list[int], bool]], dict[str, Any]]:
-    """module path -> (kind or None when unknown, stored weight shape, has a bias); and base_model fields."""
-    if hasattr(base, "named_modules"):  # a live torch model
-        from .layer import describe
-
-        layout = {}
-        for path, module in base.named_modules():
-            found = describe(module)
-            if found is not None:
-                layout[path] = (found[0], found[1], getattr(module, "bias", None) is not None)
-        config = getattr(base, "config", None)
-        info = {"model_type": getattr(config, "model_type", None),
-                "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0]}
-        return layout, {k: v for k, v in info.items() if v}
-    folder = Path(base)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise BaseModelError("the base folder has no safetensors weights", file=str(folder), code="bad_base")
-    shapes: dict[str, list[int]] = {}
-    for file in files:
-        for key, info in read_safetensors_header(file).tensors.items():
-            shapes[key] = list(info.shape)
-    layout = {}
-    for key, shape in shapes.items():
-        if key.endswith(".weight") and len(shape) == 2:
-            module = key[: -len(".weight")]
-            entry = (None, shape, f"{module}.bias" in shapes)
-            layout[module] = entry
-            if "." in module:  # a checkpoint saved from the inner model lacks the head's prefix
-                layout.setdefault(module.split(".", 1)[1], entry)
-    fields: dict[str, Any] = {}
-    try:
-        hf = json.loads((folder / "config.json").read_text("utf-8"))
-        fields = {"model_type": hf.get("model_type"), "architecture": (hf.get("architectures") or [None])[0]}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return layout, {k: v for k, v in fields.items() if isinstance(v, str)}

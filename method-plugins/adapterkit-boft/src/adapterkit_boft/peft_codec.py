@@ -21,15 +21,13 @@ where the extension builds (a CUDA machine with ninja).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
-    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims, read_safetensors_header,
+    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims,
 )
 
 from .method import DEFAULTS, block_problem
@@ -77,7 +75,6 @@ class BoftPeftCodec(Codec):
                               code="no_targets")
         size_cfg, num_cfg = int(config.get("boft_block_size", 4) or 0), int(config.get("boft_block_num", 0) or 0)
         factors_cfg = int(config.get("boft_n_butterfly_factor", 1))
-        layout, base_info = _base_layout(context.base) if context.base is not None else ({}, {})
         targets: dict[str, dict[str, Any]] = {}
         tensors: dict[str, np.ndarray] = {}
         dtypes, factors, warnings = set(), set(), []
@@ -112,8 +109,8 @@ class BoftPeftCodec(Codec):
             if problem:
                 raise FormatError(f"{module}: {problem[1]}", file=file, location=context.key(module, "boft_R"),
                                   code="tensor_shape")
-            if layout:
-                _check_base(module, layout, [fan_out, fan_in])
+            if context.base is not None:
+                _check_base(module, context.base_module(module, kinds=("linear",)).shape, [fan_out, fan_in])
             targets[module] = {"kind": "linear", "shape": [fan_out, fan_in], "block_size": size, "block_num": num,
                                "n_butterfly_factor": n}
             tensors[f"{module}.boft.R"] = r
@@ -124,7 +121,7 @@ class BoftPeftCodec(Codec):
             raise FormatError("the BOFT tensors must share one float dtype", file=file, found=sorted(dtypes),
                               code="dtype")
         method_config = _method_config(config, targets, factors.pop())
-        return context.adapter("boft", method_config, targets, tensors, dtypes.pop(), base_model=base_info,
+        return context.adapter("boft", method_config, targets, tensors, dtypes.pop(), base_model=context.base_fields(),
                                warnings=warnings)
 
     @staticmethod
@@ -243,52 +240,7 @@ def _method_config(config: Mapping[str, Any], targets: Mapping[str, Any], factor
     return out
 
 
-def _check_base(module: str, layout: Mapping[str, tuple[str | None, list[int]]], shape: list[int]) -> None:
-    found = layout.get(module)
-    if found is None:
-        raise BaseModelError("adapted module does not exist in the base model", location=module,
-                             hint="is this the right base model?", code="wrong_base")
-    kind, stored = found
-    if kind not in (None, "linear"):
-        raise BaseModelError(f"{module} is a {kind!r} module in the base; PEFT's BOFT adapts nn.Linear only",
-                             location=module, hint="is this the right base model?", code="wrong_base")
+def _check_base(module: str, stored: list[int], shape: list[int]) -> None:
     if list(stored) != shape:
         raise BaseModelError(f"{module}: the BOFT tensors make a [out, in] = {shape} weight, the base's is "
                              f"{list(stored)}", location=module, hint="is this the right base model?", code="wrong_base")
-
-
-def _base_layout(base: Any) -> tuple[dict[str, tuple[str | None, list[int]]], dict[str, Any]]:
-    """module path -> (kind or None when unknown, stored weight shape); and base_model fields."""
-    if hasattr(base, "named_modules"):  # a live torch model
-        from adapterkit import module_kind
-
-        layout = {}
-        for path, module in base.named_modules():
-            kind = module_kind(module)
-            if kind is not None:
-                layout[path] = (kind, list(module.weight.shape))
-        config = getattr(base, "config", None)
-        info = {"model_type": getattr(config, "model_type", None),
-                "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0]}
-        return layout, {k: v for k, v in info.items() if v}
-    if not isinstance(base, (str, Path)):
-        return {}, {}  # a BaseModelInfo: no shapes to check against
-    folder = Path(base)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return {}, {}
-    layout: dict[str, tuple[str | None, list[int]]] = {}
-    for file in files:
-        for key, info in read_safetensors_header(file).tensors.items():
-            if key.endswith(".weight") and len(info.shape) == 2:
-                module = key[: -len(".weight")]
-                layout[module] = (None, list(info.shape))
-                if "." in module:  # a checkpoint saved from the inner model lacks the head's prefix
-                    layout.setdefault(module.split(".", 1)[1], (None, list(info.shape)))
-    fields: dict[str, Any] = {}
-    try:
-        hf = json.loads((folder / "config.json").read_text("utf-8"))
-        fields = {"model_type": hf.get("model_type"), "architecture": (hf.get("architectures") or [None])[0]}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return layout, {k: v for k, v in fields.items() if isinstance(v, str)}

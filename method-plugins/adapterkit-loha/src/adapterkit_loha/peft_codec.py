@@ -23,16 +23,14 @@ is refused on reading. ``modules_to_save`` (fully trained modules) is refused: i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
     Adapter, BaseModelError, Codec, FormatError, LossyConversionError, TensorFileError, check_tensor_dims, is_int,
-    is_number, read_safetensors_header,
+    is_number,
 )
 
 from .math import PARAMS
@@ -129,7 +127,7 @@ class LohaPeftCodec(Codec):
         if len(dtypes) > 1:
             raise FormatError("LoHa factors have mixed dtypes; an adapter has one dtype", file=file,
                               found=", ".join(f"{d} ({k})" for d, k in dtypes.items()), code="mixed_dtype")
-        base_model = _check_base(context.base, targets) if context.base is not None else None
+        base_model = _check_base(context, targets) if context.base is not None else None
         return context.adapter(NAME, _method_config(config, targets), targets, tensors, next(iter(dtypes)),
                                base_model=base_model)
 
@@ -276,50 +274,13 @@ def _ranks(targets: Mapping[str, Mapping[str, Any]], context: Any, config: Mappi
                                "matching", location="$.targets", code="unsupported")
 
 
-def _check_base(base: Any, targets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def _check_base(context: Any, targets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """With a base (``--base``): every module exists and is linear of the factors' shape (PEFT's convolution
     LoHa with 2-d factors, a kernel of 1 or not effective, is refused here). Returns the base_model fields."""
-    hint = "is this the right base model?"
-    if hasattr(base, "named_modules"):
-        import torch
-
-        shapes: dict[str, list[int] | None] = {}
-        for path, module in base.named_modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                shapes[path] = list(weight.shape) if isinstance(module, torch.nn.Linear) else None
-        config = getattr(base, "config", None)
-        info = {"model_type": getattr(config, "model_type", None),
-                "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0]}
-    elif isinstance(base, (str, Path)) and Path(base).is_dir():
-        folder = Path(base)
-        shapes = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            for key, header in read_safetensors_header(file).tensors.items():
-                if key.endswith(".weight"):
-                    module = key[: -len(".weight")]
-                    entry = list(header.shape)
-                    shapes[module] = entry
-                    if "." in module:  # a checkpoint saved from the inner model lacks the head's prefix
-                        shapes.setdefault(module.split(".", 1)[1], entry)
-        info = {}
-        try:
-            hf = json.loads((folder / "config.json").read_text("utf-8"))
-            info = {"model_type": hf.get("model_type"), "architecture": (hf.get("architectures") or [None])[0]}
-        except (OSError, ValueError, AttributeError):
-            pass
-    else:
-        return {}
-    if shapes:
-        for module, target in sorted(targets.items()):
-            if module not in shapes:
-                raise BaseModelError("adapted module does not exist in the base model", location=module, hint=hint,
-                                     code="wrong_base")
-            found = shapes[module]
-            if found is None or len(found) != 2:
-                raise LossyConversionError(f"{module} is not a linear module of the base (weight {found}); LoHa on "
-                                           "convolutions is not supported", location=module, code="unsupported")
-            if found != target["shape"]:
-                raise BaseModelError("base weight shape differs from the LoHa factors'", location=module,
-                                     expected=target["shape"], found=found, hint=hint, code="shape_mismatch")
-    return {k: v for k, v in info.items() if isinstance(v, str) and v}
+    for module, target in sorted(targets.items()):
+        found = context.base_module(module, kinds=("linear",)).shape
+        if found != target["shape"]:
+            raise BaseModelError("base weight shape differs from the LoHa factors'", location=module,
+                                 expected=target["shape"], found=found, hint="is this the right base model?",
+                                 code="shape_mismatch")
+    return context.base_fields()

@@ -16,17 +16,15 @@ as PEFT 0.21 refuses them.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
     Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims, in_out_features,
-    read_safetensors_header,
+   
 )
 
 from .method import DEFAULTS, PARAM, block_size_of, blocks_for
@@ -82,7 +80,6 @@ class OftPeftCodec(Codec):
         if context.base is None:
             raise FormatError("the base model is needed to read this adapter", file=str(context.folder),
                               hint=_BASE_HINT, code="needs_base")
-        layout, base_info = _base_layout(context.base)
         r, block = int(config.get("r", 0)), int(config.get("oft_block_size", 0))
         share = bool(config.get("block_share", False))
         targets, tensors, dtypes = {}, {}, set()
@@ -92,14 +89,7 @@ class OftPeftCodec(Codec):
             if size is None or size < 2 or (share and value.shape[0] != 1):
                 raise FormatError(f"OFT tensor has shape {list(value.shape)}, PEFT stores [r or 1, s(s-1)/2]",
                                   file=context.tensors_file, location=location, code="tensor_shape")
-            found = layout.get(module)
-            if found is None:
-                raise BaseModelError("adapted module does not exist in the base model", location=module,
-                                     hint="is this the right base model?", code="wrong_base")
-            kind, shape = found
-            if kind not in (None, "linear"):
-                raise LossyConversionError(f"{module} is a {kind} module; PEFT OFT adapts nn.Linear", location=module,
-                                           code="unsupported")
+            shape = context.base_module(module, kinds=("linear",)).shape  # PEFT OFT adapts nn.Linear
             fan_in = in_out_features("linear", shape)[0]
             blocks, want, _ = blocks_for(fan_in, r, block)
             if want != size or (not share and value.shape[0] != blocks):
@@ -129,7 +119,7 @@ class OftPeftCodec(Codec):
         method = context.registry.method("oft")
         resolved = method.resolve_config(method_config)
         return context.adapter("oft", method.minimal_config(resolved), targets, tensors, dtypes.pop(),
-                               base_model=base_info, warnings=warnings)
+                               base_model=context.base_fields(), warnings=warnings)
 
     # ---- write ------------------------------------------------------------------------------
     def refusal(self, adapter: Adapter) -> str | None:
@@ -225,42 +215,3 @@ def _check_config(config: Mapping[str, Any], file: str) -> None:
                                    file=file, location=f"$.{unknown[0]}", found=config[unknown[0]],
                                    hint="remove it if it does not matter (PEFT 0.21's OFTConfig has no such field)",
                                    code="unsupported")
-
-
-def _base_layout(base: Any) -> tuple[dict[str, tuple[str | None, list[int]]], dict[str, Any]]:
-    """module path -> (kind, or None when unknown; stored weight shape), and base_model fields."""
-    if hasattr(base, "named_modules"):  # a live torch model
-        from adapterkit import module_kind
-
-        layout = {}
-        for path, module in base.named_modules():
-            kind = module_kind(module)
-            weight = getattr(module, "weight", None)
-            if kind is not None and weight is not None and weight.ndim == 2:
-                layout[path] = (kind, list(weight.shape))
-        config = getattr(base, "config", None)
-        info = {"model_type": getattr(config, "model_type", None),
-                "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0]}
-        return layout, {k: v for k, v in info.items() if v}
-    if not isinstance(base, (str, Path)):
-        raise BaseModelError("reading a PEFT OFT folder needs the base model's weights (a local folder or a torch "
-                             "model)", hint=_BASE_HINT, code="needs_base")
-    folder = Path(base)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise BaseModelError("the base folder has no safetensors weights", file=str(folder), code="bad_base")
-    layout: dict[str, tuple[str | None, list[int]]] = {}
-    for file in files:
-        for key, info in read_safetensors_header(file).tensors.items():
-            if key.endswith(".weight") and len(info.shape) == 2:
-                module = key[: -len(".weight")]
-                layout[module] = (None, list(info.shape))
-                if "." in module:  # a checkpoint saved from the inner model lacks the head's prefix
-                    layout.setdefault(module.split(".", 1)[1], (None, list(info.shape)))
-    fields: dict[str, Any] = {}
-    try:
-        hf = json.loads((folder / "config.json").read_text("utf-8"))
-        fields = {"model_type": hf.get("model_type"), "architecture": (hf.get("architectures") or [None])[0]}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return layout, {k: v for k, v in fields.items() if isinstance(v, str)}

@@ -22,16 +22,14 @@ adapter cannot hold) are refused, never dropped.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapterkit import (
     Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims, in_out_features, is_int,
-    read_safetensors_header,
+   
 )
 
 from .method import ALL_LINEAR, DEFAULTS, KINDS, LAMBDA_B, LAMBDA_D, SHARED_A, SHARED_B, projection_shapes
@@ -102,18 +100,13 @@ class VeraPeftCodec(Codec):
         if context.base is None:
             raise FormatError("the base model is needed to read this adapter", file=str(context.folder),
                               hint=_BASE_HINT, code="needs_base")
-        layout, base_info = _base_layout(context.base)
         r = fields["r"]
         conv1d = bool(config.get("fan_in_fan_out", False))
         targets: dict[str, dict[str, Any]] = {}
         tensors: dict[str, np.ndarray] = {}
         dtypes = set()
         for module, pair in sorted(vectors.items()):
-            found = layout.get(module)
-            if found is None:
-                raise BaseModelError("adapted module does not exist in the base model (as a 2-d weight)",
-                                     location=module, hint="is this the right base model?", code="wrong_base")
-            kind, shape = found
+            kind, shape, _ = context.base_module(module, KINDS)
             target = {"kind": kind or ("conv1d" if conv1d else "linear"), "shape": list(shape)}
             _, fan_out = in_out_features(target["kind"], target["shape"])
             lambda_d, lambda_b = pair[LAMBDA_D], pair[LAMBDA_B]
@@ -161,7 +154,7 @@ class VeraPeftCodec(Codec):
         tensors[f"vera.{SHARED_A}"] = shared_a
         tensors[f"vera.{SHARED_B}"] = shared_b
         method_config = _method_config(config, fields, targets)
-        return context.adapter("vera", method_config, targets, tensors, dtypes.pop(), base_model=base_info,
+        return context.adapter("vera", method_config, targets, tensors, dtypes.pop(), base_model=context.base_fields(),
                                warnings=warnings)
 
     # ---- write ----------------------------------------------------------------
@@ -277,46 +270,3 @@ def _method_config(config: Mapping[str, Any], fields: Mapping[str, Any],
         if config.get("layers_pattern"):
             out["layers_pattern"] = config["layers_pattern"]
     return out
-
-
-def _base_layout(base: Any) -> tuple[dict[str, tuple[str | None, list[int]]], dict[str, Any]]:
-    """module path -> (kind, or None when unknown; stored weight shape) of the base's 2-d weights, and the
-    base_model fields (model_type, architecture)."""
-    if hasattr(base, "named_modules"):  # a live torch model
-        from adapterkit import module_kind
-
-        layout: dict[str, tuple[str | None, list[int]]] = {}
-        for path, module in base.named_modules():
-            kind = module_kind(module)
-            if kind in KINDS:
-                layout[path] = (kind, list(module.weight.shape))
-        hf = getattr(base, "config", None)
-        info = {"model_type": getattr(hf, "model_type", None),
-                "architecture": (getattr(hf, "architectures", None) or [type(base).__name__])[0]}
-        return layout, {k: v for k, v in info.items() if isinstance(v, str)}
-    if hasattr(base, "weights") and hasattr(base, "config"):  # adapterkit's BaseModelInfo
-        shapes = {key: list(info.shape) for key, info in base.weights.items()}
-        hf = base.config if isinstance(base.config, dict) else {}
-    else:
-        folder = Path(base)
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise BaseModelError("the base folder has no safetensors weights", file=str(folder), code="bad_base")
-        shapes = {}
-        for file in files:
-            for key, info in read_safetensors_header(file).tensors.items():
-                shapes[key] = list(info.shape)
-        try:
-            hf = json.loads((folder / "config.json").read_text("utf-8"))
-        except (OSError, ValueError):
-            hf = {}
-    layout = {}
-    for key, shape in shapes.items():
-        if key.endswith(".weight") and len(shape) == 2:
-            module = key[: -len(".weight")]
-            layout[module] = (None, shape)
-            if "." in module:  # a checkpoint saved from the inner model lacks the head's prefix
-                layout.setdefault(module.split(".", 1)[1], (None, shape))
-    fields = {"model_type": hf.get("model_type"), "architecture": (hf.get("architectures") or [None])[0]} \
-        if isinstance(hf, dict) else {}
-    return layout, {k: v for k, v in fields.items() if isinstance(v, str)}
