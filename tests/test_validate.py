@@ -20,6 +20,7 @@ from helpers import (
     error_codes,
     gpt2_targets,
     load_tensors,
+    make_lora_adapter,
     raw_safetensors,
     replace_tensor_file,
     replace_tensors,
@@ -177,6 +178,19 @@ def test_wrong_shape(tmp_path):
     assert err.code == "shape" and err.location == f"{Q0}.lora.A"
     assert err.expected == [4, 32] and err.found == [5, 32]
     assert "expected [4, 32], found [5, 32]" in str(err)
+
+
+def test_a_target_that_makes_empty_tensors_is_refused():
+    """No adapter tensor is empty (docs/format.md): whatever a method's own checks say, a target whose expected
+    tensors have an empty dimension is refused per tensor, also where the adapter holds exactly those tensors."""
+    adapter = make_lora_adapter()
+    adapter.targets[Q0]["r"] = 0
+    adapter.tensors[f"{Q0}.lora.A"] = adapter.tensors[f"{Q0}.lora.A"][:0]
+    adapter.tensors[f"{Q0}.lora.B"] = adapter.tensors[f"{Q0}.lora.B"][:, :0]
+    errors = validate_mod.structure_errors(adapter, adapterkit.default_registry())
+    empty = [e for e in errors if e.code == "empty_tensor"]
+    assert sorted(e.location for e in empty) == [f"{Q0}.lora.A", f"{Q0}.lora.B"], [e.code for e in errors]
+    assert "rank 0" in empty[0].hint and "shape" not in [e.code for e in errors]
 
 
 def test_unexpected_tensor(tmp_path):

@@ -94,7 +94,12 @@ def structure_errors(adapter: Adapter, registry: Registry, file: str | None = No
     want_dtype = DTYPE_NAMES.get(manifest.dtype)
     for key, shape in sorted(expected.items()):
         array = adapter.tensors.get(key)
-        if array is None:
+        if any(int(d) == 0 for d in shape):
+            errors.append(TensorFileError("the target makes this tensor empty (no adapter tensor is empty)", file=file,
+                                          location=key, found=list(shape),
+                                          hint="leave a module that adds nothing (rank 0) out of targets",
+                                          code="empty_tensor"))
+        elif array is None:
             errors.append(TensorFileError("expected tensor is missing", file=file, location=key, expected=list(shape),
                                           code="missing_tensor"))
         elif tuple(array.shape) != tuple(shape):

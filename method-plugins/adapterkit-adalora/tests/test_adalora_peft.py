@@ -51,13 +51,13 @@ class TestAdaLoraPeftPruned(PeftInterop):
         ranks = [sum(mask) for mask in config["rank_pattern"].values()]
         assert 0 in ranks and CONFIGS[kind]["init_r"] in ranks and all(k.endswith(".lora_E") for k in config["rank_pattern"])
         adapter = self._load(folder, tmp_path / "base")
-        assert sorted(t["r"] for t in adapter.targets.values()) == sorted(ranks)
+        # a module pruned to rank 0 adds nothing: no target, no empty tensor; its mask stays in rank_pattern
+        assert sorted(t["r"] for t in adapter.targets.values()) == sorted(r for r in ranks if r)
         assert adapter.config["rank_pattern"] == config["rank_pattern"]
-        # the factors skip nothing: a rank-0 module gives r = 0 factors
-        method = self._registry().method("adalora")
-        zero = next(m for m, t in adapter.targets.items() if t["r"] == 0)
-        factors = method.lora_factors(zero, adapter.targets[zero], adapter.config, adapter.module_tensors(zero))
-        assert factors.a.shape[0] == 0 and factors.b.shape[1] == 0 and not factors.delta().any()
+        zero = [key.removesuffix(".lora_E") for key, mask in config["rank_pattern"].items() if not any(mask)]
+        assert zero and not set(zero) & set(adapter.targets)
+        assert all(min(t.shape) > 0 for t in adapter.tensors.values())
+        assert adapterkit.validate(adapterkit.save(adapter, tmp_path / "native")).valid
 
 
 def test_pruned_with_alpha_zero_reads_as_peft_loads_it(tmp_path):
@@ -80,7 +80,7 @@ def test_pruned_with_alpha_zero_reads_as_peft_loads_it(tmp_path):
 
 def test_adapterkit_pruned_adapter_loads_in_peft(tmp_path):
     """An adapter of adapterkit whose ranks differ per module (no rank_pattern in its config): the writer makes
-    one mask per module and PEFT reproduces our logits."""
+    one mask per module and PEFT reproduces our logits. The module the config prunes to rank 0 is not adapted."""
     config = {**CONFIGS["llama"], "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [False] * 4,
                                                    "model.layers.1.mlp.down_proj.lora_E": [True, False, True, False]}}
     model = TINY_MODELS["llama"](0)
@@ -88,10 +88,11 @@ def test_adapterkit_pruned_adapter_loads_in_peft(tmp_path):
     perturb(handle.parameters(), seed=3, scale=0.3)
     ours = outputs(model, sample_inputs())
     adapter = handle.to_adapter()
+    assert "model.layers.0.self_attn.q_proj" not in adapter.targets
     adapter.manifest.config.pop("rank_pattern")
     folder = adapterkit.save(adapter, tmp_path / "peft", format="peft")
     written = json.loads((folder / "adapter_config.json").read_text())
-    assert sorted(sum(m) for m in written["rank_pattern"].values()) == [0, 2] + [4] * 4
+    assert sorted(sum(m) for m in written["rank_pattern"].values()) == [2] + [4] * 4
     theirs = outputs(peft.PeftModel.from_pretrained(TINY_MODELS["llama"](0), str(folder)).eval(), sample_inputs())
     diff = (theirs - ours).abs().max().item()
     print(f"\nadapterkit pruned -> PEFT max abs logit diff {diff:.3g}")
@@ -212,3 +213,21 @@ def test_writer_refuses_without_total_step(tmp_path):
     with pytest.raises(adapterkit.LossyConversionError, match="total_step"):
         adapterkit.save(adapter, tmp_path / "x", format="peft")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_rank_0_target_is_refused_as_empty_tensors(tmp_path):
+    """adapterkit's format has no empty tensor: an adapter whose manifest keeps a module at rank 0 (zero-sized
+    factors, as PEFT stores a pruned module) does not validate; the reader leaves such a module out instead."""
+    model = TINY_MODELS["llama"](0)
+    handle = adapterkit.inject(model, "adalora", CONFIGS["llama"])
+    adapter = handle.to_adapter()
+    module = sorted(adapter.targets)[0]
+    adapter.targets[module]["r"] = 0
+    adapter.tensors[f"{module}.adalora.A"] = adapter.tensors[f"{module}.adalora.A"][:0]
+    adapter.tensors[f"{module}.adalora.E"] = adapter.tensors[f"{module}.adalora.E"][:0]
+    adapter.tensors[f"{module}.adalora.B"] = adapter.tensors[f"{module}.adalora.B"][:, :0]
+    with pytest.raises(adapterkit.AdapterkitError) as caught:
+        adapterkit.save(adapter, tmp_path / "zero")
+    # the target schema (r >= 1), the method's check_target, and one empty_tensor per factor
+    assert caught.value.code == "invalid_adapter" and "(5 problem(s))" in caught.value.message
+    assert "minimum of 1" in caught.value.message and not (tmp_path / "zero").exists()

@@ -12,7 +12,8 @@ Each adapted linear / Conv1D module holds an update in SVD form::
 with ``scaling = lora_alpha if lora_alpha > 0 else r`` (PEFT's ``AdaLoraLayer.update_layer``) and ``ranknum``
 the non-trainable rank PEFT divides by: the module's rank when created, ``init_r``, which PEFT keeps when it
 resizes a module to a pruned rank (``AdaLoraModel.resize_modules_by_rank_pattern``). ``r`` is recorded per target:
-after budget pruning it differs per module and may be 0 (then the module adds nothing).
+after budget pruning it differs per module; a module pruned to rank 0 adds nothing and is no target (its
+``rank_pattern`` mask, all false, stays in the config, so that PEFT loads a written folder alike).
 
 Training (:class:`adapterkit.TrainingHooks`): the loss gets ``orth_reg_weight`` times PEFT's orthogonality
 penalty (``AdaLoraModel.forward``), and after each optimizer step the rank budget schedule of PEFT's
@@ -82,7 +83,8 @@ TARGET_SCHEMA: dict[str, Any] = {
     "properties": {
         "kind": {"enum": list(KINDS)},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2},
-        "r": {"type": "integer", "minimum": 0, "description": "the module's rank (after pruning; may be 0)"},
+        "r": {"type": "integer", "minimum": 1, "description": "the module's rank (after pruning; a module pruned "
+                                                       "to 0 is no target)"},
     },
     "required": ["r"],
 }
@@ -215,11 +217,17 @@ class AdaLoraMethod(WeightAdapterMethod, Method, LowRank, DeltaWeight, TrainingH
             problems.append(f"shape {shape!r} is not a 2-d weight shape")
         r = target.get("r")
         init_r = config.get("init_r", DEFAULTS["init_r"])
-        if not (is_int(r) and r >= 0):
-            problems.append(f"r must be an integer >= 0, not {r!r}")
+        if not (is_int(r) and r >= 1):
+            problems.append(f"r must be an integer >= 1, not {r!r} (a module pruned to rank 0 adds nothing: leave "
+                            "it out of targets)")
         elif is_int(init_r) and r > init_r:
             problems.append(f"r ({r}) is above init_r ({init_r}): AdaLoRA only prunes ranks")
         return problems
+
+    def select(self, model: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+        """PEFT's selection minus the modules ``rank_pattern`` prunes to rank 0 (they would add nothing)."""
+        return {path: module for path, module in super().select(model, config).items()
+                if pattern_rank(config, path) > 0}
 
     def target_fields(self, module: str, kind: str, shape: list[int], config: Mapping[str, Any]) -> dict[str, Any]:
         return {"r": pattern_rank(config, module)}

@@ -10,9 +10,11 @@ saved)::
 A folder saved after budget pruning has ``rank_pattern`` in its config (``<module>.lora_E`` -> one boolean per
 initial rank) and its tensors cut to the kept ranks (``AdaLoraModel.resize_state_dict_by_rank_pattern``); PEFT
 loads it by resizing each listed module to the mask's sum first (``resize_modules_by_rank_pattern``), keeping
-``ranknum = init_r``. A module pruned to rank 0 has zero-sized tensors. Without ``rank_pattern`` every module has
-``init_r``. The tensors give every shape, so reading needs no base (``kind`` is ``conv1d`` when the config says
-``fan_in_fan_out``; a live base model given as ``base`` decides per module).
+``ranknum = init_r``. A module pruned to rank 0 has zero-sized tensors: it adds nothing, so it is read as no
+target (adapterkit's format has no empty tensor), its all-false mask kept in ``rank_pattern``; written back, PEFT
+resizes it to rank 0 again and finds nothing to load. Without ``rank_pattern`` every module has ``init_r``. The
+tensors give every shape, so reading needs no base (``kind`` is ``conv1d`` when the config says
+``fan_in_fan_out``); a base given as ``base`` decides the kind per module and is checked against the shapes.
 
 Config fields PEFT's AdaLoRA ignores (``r``, ``use_rslora``, ``alpha_pattern``, ``lora_bias``, the init configs)
 are kept from the original config on writing; fields that change the model in a way this method does not hold
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit import Adapter, Codec, FormatError, LossyConversionError, UsageError
+from adapterkit import Adapter, BaseModelError, Codec, FormatError, LossyConversionError, UsageError
 
 from .method import DEFAULTS, KINDS, check_config, pattern_key
 
@@ -95,7 +97,6 @@ class AdaLoraPeftCodec(Codec):
         if not found:
             raise FormatError(f"the file holds no AdaLoRA tensor ({context.key('<module>', 'lora_A')})", file=file,
                               code="no_targets")
-        live = context.base if hasattr(context.base, "named_modules") else None
         conv1d = bool(config.get("fan_in_fan_out", False))
         init_r = method_config["init_r"]
         pattern = config.get("rank_pattern") or {}
@@ -120,22 +121,25 @@ class AdaLoraPeftCodec(Codec):
                 why = f"its rank_pattern keeps {expected_r}" if mask is not None else f"init_r is {init_r} (no rank_pattern)"
                 raise FormatError(f"{module} has rank {r} but {why}: PEFT could not load this folder", file=file,
                                   location=context.key(module, "lora_A"), code="tensor_shape")
-            kind = None
-            if live is not None:
-                from adapterkit import module_kind
-
-                try:
-                    kind = module_kind(live.get_submodule(module))
-                except AttributeError:
-                    kind = None
+            kind = context.base_module(module, KINDS).kind if context.base is not None else None
             kind = kind or ("conv1d" if conv1d else "linear")
             fan_in, fan_out = int(a.shape[1]), int(b.shape[0])
-            targets[module] = {"kind": kind, "shape": [fan_out, fan_in] if kind == "linear" else [fan_in, fan_out],
-                               "r": r}
+            shape = [fan_out, fan_in] if kind == "linear" else [fan_in, fan_out]
+            if context.base is not None and context.base_module(module, KINDS).shape != shape:
+                raise BaseModelError(f"the AdaLoRA factors of {module} make a {kind} weight of shape {shape}, the "
+                                     f"base's is {context.base_module(module, KINDS).shape}", location=module,
+                                     hint="is this the right base model?", code="wrong_base")
+            if r == 0:  # pruned to rank 0: adds nothing, so it is no target (its rank_pattern mask stays)
+                continue
+            targets[module] = {"kind": kind, "shape": shape, "r": r}
             for param, value in (("A", a), ("E", e), ("B", b)):
                 tensors[f"{module}.adalora.{param}"] = np.ascontiguousarray(value)
                 dtypes.add(str(value.dtype))
-        stray = sorted(set(pattern) - {pattern_key(m) for m in targets})
+        if not targets:
+            raise FormatError("every module is pruned to rank 0: the adapter changes nothing", file=file,
+                              hint="save the adapter from an earlier step of the budget schedule", code="no_targets")
+        # a mask names a module with tensors, or prunes it to rank 0 (nothing to store: adapterkit writes none)
+        stray = sorted(key for key in set(pattern) - {pattern_key(m) for m in found} if not (isinstance(pattern[key], list) and not any(pattern[key])))
         if stray:
             raise FormatError(f"rank_pattern names {stray[0]!r}, which has no tensors", file=context.config_file,
                               location="$.rank_pattern", code="bad_config")
@@ -152,7 +156,8 @@ class AdaLoraPeftCodec(Codec):
                               file=context.config_file, location=f"$.{field}" if field else None, found=exc.found,
                               hint=exc.hint, code="bad_config") from None
         method_config = {k: v for k, v in method_config.items() if k not in DEFAULTS or v != DEFAULTS[k]}
-        return context.adapter("adalora", method_config, targets, tensors, dtypes.pop())
+        return context.adapter("adalora", method_config, targets, tensors, dtypes.pop(),
+                               base_model=context.base_fields())
 
     # ---- write ----------------------------------------------------------------
     def refusal(self, adapter: Adapter) -> str | None:
@@ -182,10 +187,14 @@ class AdaLoraPeftCodec(Codec):
         for module in modules:
             for param, leaf in LEAVES.items():
                 tensors[context.key(module, leaf)] = np.asarray(adapter.tensors[f"{module}.adalora.{param}"])
+        pattern = _rank_pattern(targets, config, context.original)
+        # a module pruned to rank 0 is no target but PEFT must adapt it to resize it by its mask
+        pruned = [key.removesuffix(".lora_E") for key, mask in (pattern or {}).items() if not any(mask)]
         fields: dict[str, Any] = {
-            **context.selection(modules, wanted=config.get("target_modules"), layers=config.get("layers_to_transform")),
+            **context.selection(sorted({*modules, *pruned}), wanted=config.get("target_modules"),
+                                layers=config.get("layers_to_transform")),
             **{field: config[field] for field in METHOD_FIELDS},
-            "rank_pattern": _rank_pattern(targets, config, context.original),
+            "rank_pattern": pattern,
             "fan_in_fan_out": all(targets[m].get("kind") == "conv1d" for m in modules),
             "bias": "none",
             "modules_to_save": None,
@@ -201,8 +210,8 @@ def _consistent(pattern: Any, targets: Mapping[str, Mapping[str, Any]], init_r: 
     if not isinstance(pattern, Mapping):
         return False
     keys = {pattern_key(m): m for m in targets}
-    if set(pattern) - set(keys):
-        return False
+    if any(sum(bool(v) for v in pattern[key]) for key in set(pattern) - set(keys)):
+        return False  # only modules pruned to rank 0 are left out of targets
     for key, module in keys.items():
         mask = pattern.get(key)
         want = int(targets[module]["r"])
