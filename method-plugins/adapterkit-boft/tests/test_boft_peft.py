@@ -97,6 +97,17 @@ def test_cpu_saved_folder_reads_as_the_one_factor_function_peft_computes(tmp_pat
     assert (again - theirs).abs().max().item() <= 1e-5
 
 
+def test_layers_pattern_is_read_kept_and_selects_as_peft_does(tmp_path):
+    folder, theirs = _peft_folder(tmp_path, "llama", peft.BOFTConfig(
+        boft_block_size=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"))
+    adapter = adapterkit.load(folder)
+    assert adapter.config["layers_pattern"] == "layers" and adapter.config["layers_to_transform"] == [1]
+    assert sorted(adapter.targets) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert (outputs(adapterkit.apply(adapter, TINY_MODELS["llama"](0)), sample_inputs()) - theirs).abs().max() <= 1e-5
+    handle = adapterkit.inject(TINY_MODELS["llama"](0), "boft", adapter.config)  # the same selection, anew
+    assert sorted(handle.to_adapter().targets) == sorted(adapter.targets)
+
+
 def test_to_lora_with_the_base_is_the_same_function(tmp_path):
     """MergedWeight: to-lora takes diag(s) W M^T - W from the base, full rank exact."""
     base = save_tiny_base("llama", tmp_path / "base")

@@ -60,6 +60,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
                       {"type": "null"}],
             "description": "Only the modules of these layer (block) indices.",
         },
+        "layers_pattern": {
+            "oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                      {"type": "null"}],
+            "description": "The name of the layer list layers_to_transform indexes (PEFT's layers_pattern).",
+        },
         "boft_block_size": {"type": "integer", "minimum": 0,
                             "description": "Size of each orthogonal block (0: derived from boft_block_num); "
                                            "exactly one of boft_block_size and boft_block_num is non-zero "
@@ -68,7 +73,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                            "description": "Number of blocks per module (0: derived from boft_block_size)."},
         "boft_n_butterfly_factor": {"type": "integer", "minimum": 1,
                                     "description": "Number of butterfly factors (1: block-diagonal OFT)."},
-        "boft_dropout": {"type": "number", "minimum": 0, "maximum": 1,
+        "boft_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1,
                          "description": "Multiplicative dropout in training: this fraction of one factor's blocks "
                                         "is replaced by the identity."},
         "init_weights": {"type": "boolean",
@@ -77,7 +82,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "required": ["target_modules"],
 }
 DEFAULTS: dict[str, Any] = {
-    "exclude_modules": None, "layers_to_transform": None, "boft_block_size": 4, "boft_block_num": 0,
+    "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "boft_block_size": 4, "boft_block_num": 0,
     "boft_n_butterfly_factor": 1, "boft_dropout": 0.0, "init_weights": True,
 }
 _POSITIVE = {"type": "integer", "minimum": 1}
@@ -206,7 +211,8 @@ class BoftMethod(WeightAdapterMethod, Method, MergedWeight):
                              expected=sorted(CONFIG_SCHEMA["properties"]), hint="check the spelling", code="bad_option")
         config["target_modules"] = check_selection("target_modules", config["target_modules"])
         config["exclude_modules"] = check_selection("exclude_modules", config.get("exclude_modules"), nullable=True)
-        config["layers_to_transform"], _ = check_layers(config["layers_to_transform"], None)
+        config["layers_to_transform"], config["layers_pattern"] = check_layers(config["layers_to_transform"],
+                                                                               config["layers_pattern"])
         for key, low in (("boft_block_size", 0), ("boft_block_num", 0), ("boft_n_butterfly_factor", 1)):
             if not (is_int(config[key]) and config[key] >= low):
                 raise _bad(key, f"{key} must be an integer >= {low}", config[key])

@@ -232,6 +232,8 @@ def _method_config(config: Mapping[str, Any], targets: Mapping[str, Any], factor
     layers = config.get("layers_to_transform")
     if layers is not None and layers != []:
         out["layers_to_transform"] = [layers] if isinstance(layers, int) else list(layers)
+        if config.get("layers_pattern") not in (None, [], ""):
+            out["layers_pattern"] = config["layers_pattern"]
     values = {"boft_block_size": int(config.get("boft_block_size", 4) or 0),
               "boft_block_num": int(config.get("boft_block_num", 0) or 0),
               "boft_n_butterfly_factor": factors, "boft_dropout": config.get("boft_dropout", 0.0),

@@ -65,7 +65,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "rank_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0,
                          "description": "Training only: each output row of delta W dropped with this probability "
                                         "(PEFT's rank dropout)."},
-        "module_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0,
+        "module_dropout": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0,
                            "description": "Training only: the whole module's update skipped with this probability."},
         "rank_dropout_scale": {"type": "boolean", "default": False,
                                "description": "Training only: divide the rank-dropout mask by its mean."},
@@ -131,10 +131,13 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     out["r"] = int(out["r"])
     if not is_number(out["alpha"]):
         raise config_error("alpha", "alpha must be a finite number", out["alpha"], "e.g. alpha=16 (scale = alpha / r)")
-    for key in ("rank_dropout", "module_dropout"):
-        if not is_number(out[key]) or not 0 <= out[key] < 1:
-            raise config_error(key, f"{key} must be a number in [0, 1)", out[key], f"e.g. {key}=0.1 (training only)")
-        out[key] = float(out[key])
+    if not is_number(out["rank_dropout"]) or not 0 <= out["rank_dropout"] < 1:
+        raise config_error("rank_dropout", "rank_dropout must be a number in [0, 1)", out["rank_dropout"],
+                           "e.g. rank_dropout=0.1 (training only)")
+    if not is_number(out["module_dropout"]) or not 0 <= out["module_dropout"] <= 1:  # 1: the update never applies
+        raise config_error("module_dropout", "module_dropout must be a number in [0, 1]", out["module_dropout"],
+                           "e.g. module_dropout=0.1 (training only)")
+    out["rank_dropout"], out["module_dropout"] = float(out["rank_dropout"]), float(out["module_dropout"])
     for key in ("rank_dropout_scale", "decompose_both", "use_effective_conv2d"):
         if not isinstance(out[key], bool):
             raise config_error(key, f"{key} must be true or false", out[key], f"pass {key}=true or false")

@@ -66,7 +66,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "oft_block_size": {"type": "integer", "minimum": 0,
                            "description": "Block size (0: derived from r). PEFT adjusts a size that does not divide "
                                           "a module's input to the nearest divisor."},
-        "module_dropout": {"type": "number", "minimum": 0, "maximum": 1,
+        "module_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1,
                            "description": "Training only: the fraction of blocks replaced by the identity each step."},
         "coft": {"type": "boolean", "description": "Constrained OFT: bound each block's skew matrix by eps."},
         "eps": {"type": "number", "exclusiveMinimum": 0, "description": "COFT's bound (with coft)."},
