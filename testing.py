@@ -328,6 +328,8 @@ class PeftInterop:
     atol: ClassVar[float] = 1e-5
     #: the scale of the seeded noise :meth:`randomize` adds
     noise: ClassVar[float] = 0.2
+    #: whether the codec refuses a config field it does not know (``PeftReadContext.refuse_unknown_fields``)
+    refuses_unknown_fields: ClassVar[bool] = True
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:  # pragma: no cover - pytest hook
         if "kind" in metafunc.fixturenames:
@@ -409,6 +411,20 @@ class PeftInterop:
         assert sorted(one.tensors) == sorted(two.tensors)
         for key, value in one.tensors.items():
             assert value.dtype == two.tensors[key].dtype and value.tobytes() == two.tensors[key].tobytes(), key
+
+    def test_a_config_field_the_codec_does_not_know_is_refused(self, kind: str, tmp_path: Path) -> None:
+        """A set field of another PEFT release (here a made-up one) is refused at its JSON path, not dropped."""
+        import adapterkit
+
+        if not self.refuses_unknown_fields:
+            pytest.skip("this codec ignores config fields it does not know")
+        base, folder, _ = self._peft_folder(kind, tmp_path)
+        config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+        config["field_of_a_later_peft"] = {"enabled": True}
+        (folder / "adapter_config.json").write_text(json.dumps(config), "utf-8")
+        with pytest.raises(adapterkit.LossyConversionError) as caught:
+            self._load(folder, base)
+        assert caught.value.code == "unsupported" and caught.value.location == "$.field_of_a_later_peft"
 
     def test_merge_equals_peft_merge_and_unload(self, kind: str, tmp_path: Path) -> None:
         import peft

@@ -166,9 +166,27 @@ class PeftReadContext(PeftContext):
     config_file: str = ""
     tensors_file: str = ""
 
+    #: the fields of PEFT's ``PeftConfig`` that every peft_type has
+    COMMON_FIELDS = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                               "revision", "inference_mode"})
+
     @functools.cached_property
     def _loaded(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         return files.read_tensors(Path(self.tensors_file))
+
+    def refuse_unknown_fields(self, known: Iterable[str], method: str) -> None:
+        """Refuse (:class:`adapterkit.LossyConversionError`, code ``unsupported``, at ``$.<field>``) a config field
+        outside ``known`` and :attr:`COMMON_FIELDS` whose value is set (not None, false or empty): a field of another
+        PEFT release that changes the adapter would otherwise be dropped without a word."""
+        allowed = {*known, *self.COMMON_FIELDS}
+        for name in sorted(self.config):
+            value = self.config[name]
+            if name in allowed or value is None or value is False or (isinstance(value, (list, dict, str)) and not value):
+                continue
+            raise LossyConversionError(f"the PEFT {self.peft_type} config field {name!r} has no place in a {method} "
+                                       "adapter and would be lost", file=self.config_file, location=f"$.{name}",
+                                       found=value, hint="remove it if it does not matter, or read the folder with "
+                                       "the PEFT release that wrote it", code="unsupported")
 
     @property
     def tensors(self) -> dict[str, np.ndarray]:

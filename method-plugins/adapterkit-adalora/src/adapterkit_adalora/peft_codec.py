@@ -38,6 +38,16 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 METHOD_FIELDS = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                  "orth_reg_weight", "total_step", "init_lora_weights")
 #: LoraConfig fields that change what PEFT builds, and the values this codec holds (None: null or absent)
+#: every field of PEFT 0.21.2's AdaLoraConfig besides PeftConfig's (LoraConfig's among them)
+KNOWN_FIELDS = frozenset({
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "beta1", "beta2", "bias", "corda_config", "deltaT",
+    "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "init_lora_weights", "init_r",
+    "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save",
+    "monteclora_config", "orth_reg_weight", "qalora_group_size", "r", "rank_pattern", "runtime_config",
+    "target_modules", "target_parameters", "target_r", "tfinal", "tinit", "total_step", "trainable_token_indices",
+    "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config",
+})
 REFUSED: dict[str, tuple[Any, ...]] = {
     "bias": ("none",), "modules_to_save": (None, []), "use_dora": (False, None), "layer_replication": (None, []),
     "trainable_token_indices": (None, [], {}), "target_parameters": (None, []), "megatron_config": (None, {}),
@@ -62,6 +72,7 @@ class AdaLoraPeftCodec(Codec):
     # ---- read -----------------------------------------------------------------
     def read(self, context: Any) -> Adapter:
         config, file = context.config, context.tensors_file
+        context.refuse_unknown_fields(KNOWN_FIELDS, "adalora")
         for field, allowed in REFUSED.items():
             if field in config and not _holds(config[field], allowed):
                 raise LossyConversionError(

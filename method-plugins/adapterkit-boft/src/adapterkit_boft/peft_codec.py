@@ -33,6 +33,10 @@ from adapterkit import (
 from .method import DEFAULTS, block_problem
 
 LEAVES = {"R": "boft_R", "s": "boft_s"}
+#: every field of PEFT 0.21.2's BOFTConfig besides PeftConfig's
+KNOWN_FIELDS = frozenset({"boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules",
+                          "exclude_modules", "boft_dropout", "fan_in_fan_out", "bias", "modules_to_save",
+                          "init_weights", "layers_to_transform", "layers_pattern"})
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -51,6 +55,7 @@ class BoftPeftCodec(Codec):
     # ---- read -----------------------------------------------------------------
     def read(self, context: Any) -> Adapter:
         config, file, config_file = context.config, context.tensors_file, context.config_file
+        context.refuse_unknown_fields(KNOWN_FIELDS, "boft")
         self._check_config(config, config_file)
         raw = context.tensors
         check_tensor_dims(raw, file)

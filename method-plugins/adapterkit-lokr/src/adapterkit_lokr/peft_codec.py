@@ -37,13 +37,12 @@ PREFIX = "lokr_"
 LEAVES = tuple(sorted((PREFIX + p for p in (*PARAMS, "t2")), key=len, reverse=True))
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: PeftConfig's own fields (the format handles them)
-COMMON_FIELDS = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-                           "revision", "inference_mode"})
 #: LoKrConfig 0.21.2's fields that the method config holds (same names)
 HELD_FIELDS = ("r", "alpha", "rank_dropout", "module_dropout", "rank_dropout_scale", "decompose_both",
                "decompose_factor", "use_effective_conv2d", "init_weights", "target_modules", "exclude_modules",
                "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
-KNOWN_FIELDS = COMMON_FIELDS | set(HELD_FIELDS) | {"modules_to_save"}
+#: every field of PEFT 0.21.2's LoKrConfig besides PeftConfig's
+KNOWN_FIELDS = frozenset({*HELD_FIELDS, "modules_to_save"})
 _PATTERNS = (("r", "rank_pattern"), ("alpha", "alpha_pattern"))
 _FIX = "fix the value in adapter_config.json (PEFT itself could not load it)"
 
@@ -54,12 +53,6 @@ def _unset(value: Any) -> bool:
 
 def check_config(config: Mapping[str, Any], file: str) -> dict[str, Any]:
     """The method config a PEFT LoKr config means; refuses what it cannot hold, naming the field."""
-    extra = sorted(k for k in config if k not in KNOWN_FIELDS and not _unset(config[k]))
-    if extra:
-        raise LossyConversionError(f"PEFT LoKr config field {extra[0]!r} = {config[extra[0]]!r} has no place in a lokr "
-                                   "adapter and would be lost", file=file, location=f"$.{extra[0]}",
-                                   found=config[extra[0]], hint="adapterkit-lokr reads the fields of PEFT 0.21.2's "
-                                   "LoKrConfig; remove the field if it is not needed", code="unsupported")
     if not _unset(config.get("modules_to_save")):
         raise LossyConversionError("modules_to_save (fully trained modules) has no place in a lokr adapter and would "
                                    "be lost", file=file, location="$.modules_to_save", found=config["modules_to_save"],
@@ -86,6 +79,7 @@ class LokrPeftCodec(Codec):
     # ---- read -----------------------------------------------------------------
     def read(self, context: Any) -> Adapter:
         config, file, config_file = context.config, context.tensors_file, context.config_file
+        context.refuse_unknown_fields(KNOWN_FIELDS, "lokr")
         resolved = check_config(config, config_file)
         raw = context.tensors
         check_tensor_dims(raw, file)

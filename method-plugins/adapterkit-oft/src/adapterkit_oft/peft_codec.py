@@ -34,6 +34,9 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 #: OFT fields of PEFT's OFTConfig adapterkit's method config holds, under the same names
 METHOD_FIELDS = ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
                  "num_cayley_neumann_terms", "init_weights")
+#: every field of PEFT 0.21.2's OFTConfig besides PeftConfig's
+KNOWN_FIELDS = frozenset({*METHOD_FIELDS, "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                          "fan_in_fan_out", "bias", "modules_to_save"})
 _BASE_HINT = ("PEFT OFT folders do not record the adapted modules' output sizes: pass the base model "
               "(--base <local model folder>, or base=<folder or torch model>)")
 _OLD = re.compile(r"\.(oft_r|oft_s|oft_embedding_R|oft_R)(\.|$)")
@@ -50,6 +53,7 @@ class OftPeftCodec(Codec):
     # ---- read -------------------------------------------------------------------------------
     def read(self, context: Any) -> Adapter:
         config, file = context.config, context.config_file
+        context.refuse_unknown_fields(KNOWN_FIELDS, "oft")
         _check_config(config, file)
         raw = context.tensors
         check_tensor_dims(raw, context.tensors_file)
@@ -206,12 +210,3 @@ def _check_config(config: Mapping[str, Any], file: str) -> None:
         if key in config and not isinstance(config[key], bool):
             raise FormatError(f"{key} must be true or false", file=file, location=f"$.{key}", found=config[key],
                               code="bad_config")
-    known = {*METHOD_FIELDS, "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-             "fan_in_fan_out", "bias", "modules_to_save", "peft_type", "task_type", "base_model_name_or_path",
-             "revision", "inference_mode", "auto_mapping", "peft_version"}
-    unknown = sorted(k for k, v in config.items() if k not in known and v not in (None, False, [], {}, ""))
-    if unknown:
-        raise LossyConversionError(f"the PEFT OFT config field {unknown[0]!r} has no place in adapterkit's OFT",
-                                   file=file, location=f"$.{unknown[0]}", found=config[unknown[0]],
-                                   hint="remove it if it does not matter (PEFT 0.21's OFTConfig has no such field)",
-                                   code="unsupported")

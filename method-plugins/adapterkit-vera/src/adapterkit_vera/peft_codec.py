@@ -35,6 +35,10 @@ from adapterkit import (
 from .method import ALL_LINEAR, DEFAULTS, KINDS, LAMBDA_B, LAMBDA_D, SHARED_A, SHARED_B, projection_shapes
 
 LEAVES = {"vera_lambda_b": LAMBDA_B, "vera_lambda_d": LAMBDA_D}
+#: every field of PEFT 0.21.2's VeraConfig besides PeftConfig's
+KNOWN_FIELDS = frozenset({"r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
+                          "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform",
+                          "layers_pattern"})
 KEY_A, KEY_B = "base_model.vera_A", "base_model.vera_B"
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 _BASE_HINT = ("PEFT VERA folders do not record the adapted modules' input sizes: pass the base model "
@@ -69,6 +73,7 @@ class VeraPeftCodec(Codec):
     # ---- read -----------------------------------------------------------------
     def read(self, context: Any) -> Adapter:
         config, config_file, file = context.config, context.config_file, context.tensors_file
+        context.refuse_unknown_fields(KNOWN_FIELDS, "vera")
         fields = _check_config(config, config_file)
         raw = context.tensors
         check_tensor_dims(raw, file)
