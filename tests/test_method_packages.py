@@ -73,3 +73,23 @@ def test_importing_a_package_does_not_import_torch(package: Path):
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.name)
+def test_a_peft_codec_knows_exactly_the_fields_of_the_installed_peft_config(package: Path):
+    """The field list each codec refuses others against is PEFT's own (a PEFT upgrade that adds a field fails here,
+    so the list is reviewed rather than the new field refused in every user's folder)."""
+    import dataclasses
+    import importlib
+
+    import peft
+
+    codec = importlib.import_module(f"{_module(package)}.peft_codec")
+    peft_type = next(c.key for c in vars(codec).values() if isinstance(c, type) and getattr(c, "format", None) == "peft")
+    config_class = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    common = {f.name for f in dataclasses.fields(peft.PeftConfig)}
+    assert set(codec.KNOWN_FIELDS) == {f.name for f in dataclasses.fields(config_class)} - common
+
+    from adapterkit.plugins.peft.context import PeftReadContext
+
+    assert PeftReadContext.COMMON_FIELDS == common
