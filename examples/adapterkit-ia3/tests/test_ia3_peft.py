@@ -136,6 +136,22 @@ def test_reading_needs_the_base_and_refuses_extra_weights(tmp_path):
         adapterkit.load(tmp_path / "cls", base=TINY_MODELS["bert"](0))
 
 
+def test_a_config_field_of_another_peft_is_refused(tmp_path):
+    import dataclasses
+
+    from adapterkit_ia3.peft_codec import KNOWN_FIELDS
+
+    common = {f.name for f in dataclasses.fields(peft.PeftConfig)}
+    assert set(KNOWN_FIELDS) == {f.name for f in dataclasses.fields(peft.IA3Config)} - common
+    folder, _ = peft_written("llama", tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["ia3_scaling_of_a_later_peft"] = 2.0
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(adapterkit.LossyConversionError, match="ia3_scaling_of_a_later_peft") as info:
+        adapterkit.load(folder, base=TINY_MODELS["llama"](0))
+    assert info.value.location == "$.ia3_scaling_of_a_later_peft" and info.value.code == "unsupported"
+
+
 def test_what_peft_ia3_cannot_hold_is_refused_before_writing(tmp_path):
     model = TINY_MODELS["llama"](0)
     adapter = adapterkit.inject(model, "ia3", CONFIGS["llama"]).to_adapter()

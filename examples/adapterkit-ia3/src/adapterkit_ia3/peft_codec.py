@@ -34,6 +34,9 @@ from adapterkit import (
 from .method import KINDS, vector_size
 
 LEAF = "ia3_l"
+#: every field of PEFT 0.21.2's IA3Config besides PeftConfig's
+KNOWN_FIELDS = frozenset({"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+                          "modules_to_save", "init_ia3_weights"})
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 _BASE_HINT = ("PEFT IA3 folders record neither the base weights' shapes nor their biases: pass the base model "
               "(--base <local model folder>, or base=<folder or torch model>)")
@@ -57,6 +60,7 @@ class Ia3PeftCodec(Codec):
     # ---- read -----------------------------------------------------------------
     def read(self, context: Any) -> Adapter:
         config, file = context.config, context.tensors_file
+        context.refuse_unknown_fields(KNOWN_FIELDS, "ia3")  # a field of another PEFT release is not dropped
         ff_rule = config.get("feedforward_modules") or []
         _check_rule(ff_rule, context.config_file)
         raw = context.tensors
