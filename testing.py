@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
 MERGE_ATOL = 1e-5
@@ -447,3 +448,103 @@ class PeftInterop:
             assert diff <= self.atol, f"{key}: merged weight max abs diff {diff:.3g} from PEFT's merge_and_unload"
             compared += 1
         assert compared >= len(theirs) - 2, f"only {compared} of {len(theirs)} merged tensors were compared"
+
+
+def delta_weights(adapter: Any, registry: Any = None) -> dict[str, np.ndarray]:
+    """module -> the adapter's delta weight (float32, in the stored orientation), from its method's
+    :class:`adapterkit.DeltaWeight` capability."""
+    from adapterkit.core.plugin.registry import default_registry
+
+    method = (registry or default_registry()).method(adapter.method)
+    return {module: method.delta_weight(module, target, adapter.manifest.config, adapter.module_tensors(module))
+            for module, target in adapter.targets.items()}
+
+
+class LycorisJudge:
+    """LyCORIS itself (the ``lycoris-lora`` package, imported on first use) as the judge of a ``kohya`` codec, on
+    the tiny Llama whose inner ``model`` plays a text encoder (its attention and MLP linear layers, 14 modules)::
+
+        with LycorisJudge(tmp_path) as judge:
+            model, net = judge.network("loha", r=2, alpha=3.0)  # LyCORIS' network, applied, every weight random
+            net.save_weights(str(file), torch.float32, {"ss_network_module": "lycoris.kohya"})
+            adapter = adapterkit.load(file, base=judge.base)
+            ours = delta_weights(adapter)
+            for lora in net.text_encoder_loras:
+                assert abs(ours[judge.module_of(lora.lora_name)] - judge.forward_delta(lora)).max() <= 1e-5
+
+    It saves the tiny base under ``root``, runs torch on one thread, and restores the class-level preset state
+    ``create_network`` overwrites in LyCORIS when it is left.
+    """
+
+    #: the LyCORIS preset: attention and MLP blocks of the text encoder, nothing else
+    PRESET = ('enable_conv = false\nunet_target_module = []\nunet_target_name = []\n'
+              'text_encoder_target_module = ["LlamaAttention", "LlamaMLP"]\ntext_encoder_target_name = []\n')
+    _PRESET_ATTRS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                     "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
+                     "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+
+    def __init__(self, root: Path) -> None:
+        import torch
+        import lycoris.kohya
+
+        self.kohya = lycoris.kohya
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "preset.toml").write_text(self.PRESET, "utf-8")
+        #: the tiny Llama saved as a Hugging Face folder (``base=`` of the reads)
+        self.base = save_tiny_base("llama", self.root / "base")
+        cls = self.kohya.LycorisNetworkKohya
+        self._saved = {a: getattr(cls, a) for a in self._PRESET_ATTRS if hasattr(cls, a)}
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __enter__(self) -> LycorisJudge:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        for attr, value in self._saved.items():
+            setattr(self.kohya.LycorisNetworkKohya, attr, value)
+        torch.set_num_threads(self._threads)
+
+    def network(self, algo: str, r: int, alpha: float, seed: int = 0, scale: float = 0.3, **kwargs: Any) -> tuple[Any, Any]:
+        """``(model, net)``: LyCORIS' kohya network of ``algo`` (``"loha"``, ``"lokr"``, ...) with ``kwargs`` as its
+        network args, applied to a fresh tiny Llama, every parameter seeded noise (LyCORIS zero-inits parts)."""
+        import torch
+
+        model, unet = TINY_MODELS["llama"](0), torch.nn.Module()
+        net = self.kohya.create_network(1.0, r, alpha, None, model.model, unet, algo=algo,
+                                        preset=str(self.root / "preset.toml"), **kwargs)
+        net.apply_to(model.model, unet, apply_text_encoder=True, apply_unet=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+        return model, net
+
+    def loaded(self, file: Path) -> tuple[Any, Any]:
+        """``(model, net)``: the kohya file as LyCORIS loads it (``create_network_from_weights``), applied to a fresh
+        tiny Llama."""
+        import torch
+
+        model, unet = TINY_MODELS["llama"](0), torch.nn.Module()
+        net, _ = self.kohya.create_network_from_weights(1.0, str(file), None, model.model, unet)
+        net.apply_to(model.model, unet, apply_text_encoder=True, apply_unet=False)
+        return model, net
+
+    @staticmethod
+    def module_of(lora_name: str) -> str:
+        """The tiny Llama module LyCORIS names ``lora_name`` (``lora_te_layers_0_self_attn_q_proj``)."""
+        names = {"lora_te_" + m[len("model."):].replace(".", "_"): m
+                 for m, _ in TINY_MODELS["llama"](0).named_modules() if m.startswith("model.layers.")}
+        return names[lora_name]
+
+    @staticmethod
+    def forward_delta(lora: Any) -> np.ndarray:
+        """The delta weight ``[out, in]`` LyCORIS' forward applies: ``lora(I) - I @ W^T``, transposed."""
+        import torch
+
+        eye = torch.eye(lora.shape[1])
+        with torch.no_grad():
+            return (lora(eye) - torch.nn.functional.linear(eye, lora.org_weight)).T.numpy()

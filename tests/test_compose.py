@@ -14,6 +14,7 @@ from adapterkit.core.ops.compose import compose
 from adapterkit.core.errors import UsageError
 from adapterkit.core.format.manifest import Manifest
 from adapterkit.core.plugin.registry import default_registry
+from adapterkit.testing import delta_weights
 
 import torch
 import peft  # noqa: F401
@@ -85,11 +86,6 @@ def peft_deltas(model, name: str) -> dict[str, np.ndarray]:
             if isinstance(module, LoraLayer) and name in module.lora_A}
 
 
-def our_deltas(adapter: Adapter) -> dict[str, np.ndarray]:
-    method = lora()
-    return {m: method.delta_weight(m, t, adapter.config, adapter.tensors) for m, t in adapter.targets.items()}
-
-
 def add_weighted(model, strategy: str, name: str | None = None, **kwargs) -> str:
     name = name or f"{strategy}-{len(model.peft_config)}"
     with warnings.catch_warnings():
@@ -107,7 +103,7 @@ def test_delta_weights_match_peft_add_weighted_adapter(strategy, peft_pair):
 
     result = compose([a, b], strategy, weights=WEIGHTS, **options)
 
-    got = our_deltas(result)
+    got = delta_weights(result)
     assert sorted(got) == sorted(expected) == sorted(a.targets)  # modules only in `a` count as zero in `b`
     for module, delta in expected.items():
         assert got[module].shape == delta.shape
@@ -124,7 +120,7 @@ def test_svd_truncation_matches_peft(peft_pair):
     result = compose([a, b], "svd", weights=WEIGHTS, rank=2)
     for module, delta in expected.items():
         assert result.tensors[f"{module}.lora.A"].shape[0] == 2
-        assert np.abs(our_deltas(result)[module] - delta).max() <= 1e-5, module
+        assert np.abs(delta_weights(result)[module] - delta).max() <= 1e-5, module
 
 
 def test_rslora_inputs_give_peft_factors_with_scale_one():
@@ -141,8 +137,8 @@ def test_rslora_inputs_give_peft_factors_with_scale_one():
             for factor in ("A", "B"):
                 peft_factor = getattr(module, f"lora_{factor}")[name].weight.detach().numpy()
                 assert np.abs(result.tensors[f"{path}.lora.{factor}"] - peft_factor).max() <= 1e-6
-    a_delta = our_deltas(a)
-    for module, delta in our_deltas(result).items():
+    a_delta = delta_weights(a)
+    for module, delta in delta_weights(result).items():
         if module not in b.targets:  # held by one adapter: linear is exact, weight * its own delta
             assert np.abs(delta - WEIGHTS[0] * a_delta[module]).max() <= 1e-5
 
@@ -153,8 +149,8 @@ def test_cat_handles_different_ranks_exactly():
     name = add_weighted(model, "cat")
     expected = peft_deltas(model, name)
     result = compose([a, b], "cat", weights=WEIGHTS)
-    a_delta, b_delta = our_deltas(a), our_deltas(b)
-    for module, delta in our_deltas(result).items():
+    a_delta, b_delta = delta_weights(a), delta_weights(b)
+    for module, delta in delta_weights(result).items():
         assert np.abs(delta - expected[module]).max() <= 1e-5
         assert np.abs(delta - (WEIGHTS[0] * a_delta[module] + WEIGHTS[1] * b_delta.get(module, 0))).max() <= 1e-5
         assert result.targets[module]["r"] == (10 if module in b.targets else 4)
@@ -194,14 +190,14 @@ def test_svd_uses_the_low_rank_structure():
 def test_svd_of_one_adapter_reduces_its_rank_optimally():
     a = synthetic((40, 30), 6, 3)
     module = "model.layers.0.mlp.up_proj"
-    full = our_deltas(a)[module].astype(np.float64)
+    full = delta_weights(a)[module].astype(np.float64)
     u, s, vt = np.linalg.svd(full)
     best = (u[:, :3] * s[:3]) @ vt[:3]
     result = compose([a], "svd", rank=3)
-    assert np.abs(our_deltas(result)[module] - best).max() <= 1e-5
+    assert np.abs(delta_weights(result)[module] - best).max() <= 1e-5
     padded = compose([a], "svd", rank=9)  # more than the sum's rank: exact, zero-padded
     assert padded.targets[module]["r"] == 9
-    assert np.abs(our_deltas(padded)[module] - full).max() <= 1e-5
+    assert np.abs(delta_weights(padded)[module] - full).max() <= 1e-5
 
 
 @pytest.mark.parametrize("strategy", ["dare_linear", "dare_ties"])

@@ -13,97 +13,47 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs, save_tiny_base
+from adapterkit.testing import TINY_MODELS, LycorisJudge, delta_weights, outputs, perturb, sample_inputs
 
 import torch
-import lycoris.kohya as lycoris_kohya  # the judge; make install installs lycoris-lora
 
 ATOL = 1e-5
-PRESET = ('enable_conv = false\nunet_target_module = []\nunet_target_name = []\n'
-          'text_encoder_target_module = ["LlamaAttention", "LlamaMLP"]\ntext_encoder_target_name = []\n')
-#: LycorisNetworkKohya's class-level preset state, which create_network overwrites
-_PRESET_ATTRS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-                 "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cls = lycoris_kohya.LycorisNetworkKohya
-    saved = {a: getattr(cls, a) for a in _PRESET_ATTRS if hasattr(cls, a)}
-    root = tmp_path_factory.mktemp("lohakohya")
-    (root / "preset.toml").write_text(PRESET)
-    base = save_tiny_base("llama", root / "base")
-    yield root, base
-    for attr, value in saved.items():
-        setattr(cls, attr, value)
-    torch.set_num_threads(threads)
+def judge(tmp_path_factory):
+    with LycorisJudge(tmp_path_factory.mktemp("lohakohya")) as judge:  # make install installs lycoris-lora
+        yield judge
 
 
-def lycoris_network(root: Path, r: int, alpha: float, seed: int = 0, **kwargs):
-    """LyCORIS' own kohya LoHa network on a fresh tiny llama (its inner model as the text encoder), applied, with
-    every parameter random (LyCORIS zero-inits hada_w2_a)."""
-    model = TINY_MODELS["llama"](0)
-    unet = torch.nn.Module()
-    net = lycoris_kohya.create_network(1.0, r, alpha, None, model.model, unet, algo="loha",
-                                       preset=str(root / "preset.toml"), **kwargs)
-    net.apply_to(model.model, unet, apply_text_encoder=True, apply_unet=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+def lycoris_network(judge, r: int, alpha: float, seed: int = 0, **kwargs):
+    model, net = judge.network("loha", r, alpha, seed=seed, **kwargs)
     assert len(net.text_encoder_loras) == 14
     return model, net
 
 
-def our_deltas(adapter) -> dict[str, np.ndarray]:
-    """module -> adapterkit's delta W [out, in] (the method's DeltaWeight capability)."""
-    method = adapterkit.default_registry().method("loha")
-    out = {}
-    for module, target in adapter.targets.items():
-        own = {k.rsplit(".", 1)[1]: v for k, v in adapter.tensors.items() if k.startswith(f"{module}.loha.")}
-        out[module] = method.delta_weight(module, target, adapter.manifest.config, own)
-    return out
-
-
-def module_of(lora_name: str) -> str:
-    """The tiny llama module LyCORIS named ``lora_name`` (its text encoder is the inner ``model``)."""
-    names = {"lora_te_" + m[len("model."):].replace(".", "_"): m for m, _ in TINY_MODELS["llama"](0).named_modules()
-             if m.startswith("model.layers.")}
-    return names[lora_name]
-
-
-def forward_delta(lora) -> np.ndarray:
-    """delta W as LyCORIS' forward applies it: lora(I) - I @ W^T, transposed."""
-    eye = torch.eye(lora.shape[1])
-    with torch.no_grad():
-        return (lora(eye) - torch.nn.functional.linear(eye, lora.org_weight)).T.numpy()
-
-
 @pytest.mark.parametrize("r,alpha,rs_lora", [(2, 3.0, False), (4, 4.0, False), (4, 3.0, True)])
-def test_lycoris_file_gives_lycoris_deltas_and_logits(work, r, alpha, rs_lora):
-    root, base = work
-    model, net = lycoris_network(root, r, alpha, rs_lora=rs_lora)  # rs_lora: LyCORIS saves alpha * sqrt(r)
+def test_lycoris_file_gives_lycoris_deltas_and_logits(judge, r, alpha, rs_lora):
+    root, base = judge.root, judge.base
+    model, net = lycoris_network(judge, r, alpha, rs_lora=rs_lora)  # rs_lora: LyCORIS saves alpha * sqrt(r)
     file = root / f"lyco_{r}_{rs_lora}.safetensors"
     net.save_weights(str(file), torch.float32, {"ss_network_module": "lycoris.kohya"})
     adapter = adapterkit.load(file, base=base)
     assert adapter.method == "loha" and len(adapter.targets) == 14 and not adapter.warnings
-    ours = our_deltas(adapter)
+    ours = delta_weights(adapter)
     worst = 0.0
     for lora in net.text_encoder_loras:
-        module = module_of(lora.lora_name)
+        module = judge.module_of(lora.lora_name)
         with torch.no_grad():
             weight = lora.get_weight(lora.shape).numpy()
             diff = lora.get_diff_weight()[0].numpy()
             merged = (lora.get_merged_weight()[0] - lora.org_weight).numpy()
-        worst = max(worst, float(np.abs(ours[module] - weight).max()), float(np.abs(ours[module] - forward_delta(lora)).max()))
+        worst = max(worst, float(np.abs(ours[module] - weight).max()), float(np.abs(ours[module] - judge.forward_delta(lora)).max()))
         # LyCORIS 4.1.3 scales get_diff_weight / get_merged_weight twice (scale == 1 when alpha == r)
         np.testing.assert_allclose(diff, ours[module] * lora.scale, atol=ATOL * 10, rtol=1e-5)
         np.testing.assert_allclose(merged, diff, atol=ATOL * 10, rtol=1e-5)
@@ -117,8 +67,8 @@ def test_lycoris_file_gives_lycoris_deltas_and_logits(work, r, alpha, rs_lora):
     assert plain.targets == adapter.targets and plain.warnings
 
 
-def test_adapterkit_file_loads_in_lycoris(work):
-    root, _ = work
+def test_adapterkit_file_loads_in_lycoris(judge):
+    root = judge.root
     model = TINY_MODELS["llama"](0)
     config = {"r": 3, "alpha": 5, "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
               "rank_pattern": {"down_proj": 2}}
@@ -132,23 +82,21 @@ def test_adapterkit_file_loads_in_lycoris(work):
     inputs = sample_inputs()
     ours_logits = outputs(model, inputs)
 
-    lyco_model, unet = TINY_MODELS["llama"](0), torch.nn.Module()
-    net, _ = lycoris_kohya.create_network_from_weights(1.0, str(file), None, lyco_model.model, unet)
-    net.apply_to(lyco_model.model, unet, apply_text_encoder=True, apply_unet=False)
+    lyco_model, net = judge.loaded(file)
     assert len(net.text_encoder_loras) == len(adapter.targets) == 10
-    ours = our_deltas(adapter)
+    ours = delta_weights(adapter)
     worst = 0.0
     for lora in net.text_encoder_loras:
         with torch.no_grad():
             weight = lora.get_weight(lora.shape).numpy()
-        worst = max(worst, float(np.abs(ours[module_of(lora.lora_name)] - weight).max()))
+        worst = max(worst, float(np.abs(ours[judge.module_of(lora.lora_name)] - weight).max()))
     assert worst <= ATOL, worst
     assert (outputs(lyco_model, inputs) - ours_logits).abs().max().item() <= ATOL
 
 
-def test_round_trips_are_exact(work):
-    root, base = work
-    _, net = lycoris_network(root, 2, 3.0, seed=5)
+def test_round_trips_are_exact(judge):
+    root, base = judge.root, judge.base
+    _, net = lycoris_network(judge, 2, 3.0, seed=5)
     file = root / "half.safetensors"
     net.save_weights(str(file), torch.float16, {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "loha"}'})
     original, meta = adapterkit.read_safetensors(file)
@@ -167,8 +115,8 @@ def test_round_trips_are_exact(work):
     assert all(final.tensors[k].tobytes() == v.tobytes() for k, v in adapter.tensors.items())
 
 
-def test_tucker_dora_and_mixed_files_are_refused_in_one_line(work):
-    root, _ = work
+def test_tucker_dora_and_mixed_files_are_refused_in_one_line(judge):
+    root = judge.root
     from lycoris.modules.loha import LohaModule
 
     conv = LohaModule("lora_unet_conv_in", torch.nn.Conv2d(4, 8, 3), 1.0, lora_dim=2, alpha=1, use_tucker=True)
@@ -184,7 +132,7 @@ def test_tucker_dora_and_mixed_files_are_refused_in_one_line(work):
     assert result.returncode == 1 and len(result.stderr.strip().splitlines() + result.stdout.strip().splitlines()) == 1
     assert "Tucker" in result.stderr + result.stdout
 
-    _, net = lycoris_network(root, 2, 3.0)
+    _, net = lycoris_network(judge, 2, 3.0)
     plain = root / "plain.safetensors"
     net.save_weights(str(plain), torch.float32, None)
     tensors, _ = adapterkit.read_safetensors(plain)
@@ -200,9 +148,9 @@ def test_tucker_dora_and_mixed_files_are_refused_in_one_line(work):
         assert "\n" not in str(info.value)
 
 
-def test_without_the_plugin_the_error_names_it(work):
-    root, _ = work
-    _, net = lycoris_network(root, 2, 3.0)
+def test_without_the_plugin_the_error_names_it(judge):
+    root = judge.root
+    _, net = lycoris_network(judge, 2, 3.0)
     file = root / "noplugin.safetensors"
     net.save_weights(str(file), torch.float32, None)
     bare = adapterkit.Registry(*adapterkit.get_plugin_manager(only={"kohya", "lora"}))
@@ -212,8 +160,8 @@ def test_without_the_plugin_the_error_names_it(work):
     assert "adapterkit-loha" in info.value.hint and "\n" not in str(info.value)
 
 
-def test_conv1d_targets_are_refused_for_kohya(work):
-    root, _ = work
+def test_conv1d_targets_are_refused_for_kohya(judge):
+    root = judge.root
     handle = adapterkit.inject(TINY_MODELS["gpt2"](0), "loha", {"r": 2, "target_modules": ["c_attn"]})
     with pytest.raises(adapterkit.LossyConversionError, match="Conv1D"):
         adapterkit.save(handle.to_adapter(), root / "gpt2", format="kohya")

@@ -13,23 +13,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 import adapterkit
-from adapterkit.testing import TINY_MODELS, outputs, perturb, sample_inputs, save_tiny_base
+from adapterkit.testing import TINY_MODELS, LycorisJudge, delta_weights, outputs, perturb, sample_inputs
 
 import torch
-import lycoris.kohya as lycoris_kohya  # the judge; make install installs lycoris-lora
 
 ATOL = 1e-5
-PRESET = ('enable_conv = false\nunet_target_module = []\nunet_target_name = []\n'
-          'text_encoder_target_module = ["LlamaAttention", "LlamaMLP"]\ntext_encoder_target_name = []\n')
-_PRESET_ATTRS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-                 "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
 #: LyCORIS network settings: (r, alpha, kwargs) -> the layout of q_proj [32, 32] = (4 x 8) x (4 x 8)
 LAYOUTS: dict[str, tuple[int, float, dict[str, Any]]] = {
     "w1-full-w2-low-rank": (2, 3.0, {}),
@@ -40,75 +34,32 @@ LAYOUTS: dict[str, tuple[int, float, dict[str, Any]]] = {
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cls = lycoris_kohya.LycorisNetworkKohya
-    saved = {a: getattr(cls, a) for a in _PRESET_ATTRS if hasattr(cls, a)}
-    root = tmp_path_factory.mktemp("lokrkohya")
-    (root / "preset.toml").write_text(PRESET)
-    base = save_tiny_base("llama", root / "base")
-    yield root, base
-    for attr, value in saved.items():
-        setattr(cls, attr, value)
-    torch.set_num_threads(threads)
+def judge(tmp_path_factory):
+    with LycorisJudge(tmp_path_factory.mktemp("lokrkohya")) as judge:  # make install installs lycoris-lora
+        yield judge
 
 
-def lycoris_network(root: Path, layout: str, seed: int = 0):
-    """LyCORIS' own kohya LoKr network on a fresh tiny llama (its inner model as the text encoder), applied, with
-    every parameter random (LyCORIS zero-inits lokr_w2 / lokr_w2_b)."""
+def lycoris_network(judge, layout: str, seed: int = 0):
     r, alpha, kwargs = LAYOUTS[layout]
-    model = TINY_MODELS["llama"](0)
-    unet = torch.nn.Module()
-    net = lycoris_kohya.create_network(1.0, r, alpha, None, model.model, unet, algo="lokr",
-                                       preset=str(root / "preset.toml"), **kwargs)
-    net.apply_to(model.model, unet, apply_text_encoder=True, apply_unet=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model, net = judge.network("lokr", r, alpha, seed=seed, **kwargs)
     assert len(net.text_encoder_loras) == 14
     return model, net
 
 
-def our_deltas(adapter) -> dict[str, np.ndarray]:
-    """module -> adapterkit's delta W [out, in] (the method's DeltaWeight capability)."""
-    method = adapterkit.default_registry().method("lokr")
-    out = {}
-    for module, target in adapter.targets.items():
-        own = {k.rsplit(".", 1)[1]: v for k, v in adapter.tensors.items() if k.startswith(f"{module}.lokr.")}
-        out[module] = method.delta_weight(module, target, adapter.manifest.config, own)
-    return out
-
-
-def module_of(lora_name: str) -> str:
-    """The tiny llama module LyCORIS named ``lora_name`` (its text encoder is the inner ``model``)."""
-    names = {"lora_te_" + m[len("model."):].replace(".", "_"): m for m, _ in TINY_MODELS["llama"](0).named_modules()
-             if m.startswith("model.layers.")}
-    return names[lora_name]
-
-
-def forward_delta(lora) -> np.ndarray:
-    """delta W as LyCORIS' forward applies it: lora(I) - I @ W^T, transposed."""
-    eye = torch.eye(lora.shape[1])
-    with torch.no_grad():
-        return (lora(eye) - torch.nn.functional.linear(eye, lora.org_weight)).T.numpy()
-
-
 def compare(adapter, loras) -> float:
-    ours = our_deltas(adapter)
+    ours = delta_weights(adapter)
     worst = 0.0
     for lora in loras:
         with torch.no_grad():
             weight = lora.get_weight(lora.shape).numpy()
-        worst = max(worst, float(np.abs(ours[module_of(lora.lora_name)] - weight).max()))
+        worst = max(worst, float(np.abs(ours[LycorisJudge.module_of(lora.lora_name)] - weight).max()))
     return worst
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_lycoris_file_gives_lycoris_deltas_and_logits(work, layout):
-    root, base = work
-    model, net = lycoris_network(root, layout)
+def test_lycoris_file_gives_lycoris_deltas_and_logits(judge, layout):
+    root, base = judge.root, judge.base
+    model, net = lycoris_network(judge, layout)
     file = root / f"lyco_{layout}.safetensors"
     net.save_weights(str(file), torch.float32, {"ss_network_module": "lycoris.kohya"})
     adapter = adapterkit.load(file, base=base)
@@ -119,15 +70,15 @@ def test_lycoris_file_gives_lycoris_deltas_and_logits(work, layout):
     assert (q["w1_full"], q["w2_full"]) == expected
     if layout == "both-full":  # LyCORIS: scale 1, alpha saved as its lora_dim
         assert all(t["alpha"] == t["r"] == 2 for t in adapter.targets.values())
-    ours = our_deltas(adapter)
+    ours = delta_weights(adapter)
     worst = 0.0
     for lora in net.text_encoder_loras:
-        module = module_of(lora.lora_name)
+        module = LycorisJudge.module_of(lora.lora_name)
         with torch.no_grad():
             weight = lora.get_weight(lora.shape).numpy()
             diff = lora.get_diff_weight()[0].numpy()
             merged = (lora.get_merged_weight()[0] - lora.org_weight).numpy()
-        worst = max(worst, float(np.abs(ours[module] - weight).max()), float(np.abs(ours[module] - forward_delta(lora)).max()))
+        worst = max(worst, float(np.abs(ours[module] - weight).max()), float(np.abs(ours[module] - LycorisJudge.forward_delta(lora)).max()))
         # LyCORIS 4.1.3 scales get_diff_weight / get_merged_weight twice (equal when the scale is 1)
         np.testing.assert_allclose(diff, ours[module] * lora.scale, atol=ATOL * 10, rtol=1e-5)
         np.testing.assert_allclose(merged, diff, atol=ATOL * 10, rtol=1e-5)
@@ -142,8 +93,8 @@ def test_lycoris_file_gives_lycoris_deltas_and_logits(work, layout):
     {"r": 1, "alpha": 2, "decompose_both": True},  # both low-rank
     {"r": 4, "alpha": 8},  # both full (r >= max(b, d) / 2): PEFT's alpha / r = 2 is carried in lokr_w1
 ], ids=["w1-full", "both-low-rank", "both-full-scale-2"])
-def test_adapterkit_file_loads_in_lycoris(work, config):
-    root, base = work
+def test_adapterkit_file_loads_in_lycoris(judge, config):
+    root, base = judge.root, judge.base
     model = TINY_MODELS["llama"](0)
     targets = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
     handle = adapterkit.inject(model, "lokr", {**config, "target_modules": targets})
@@ -156,9 +107,7 @@ def test_adapterkit_file_loads_in_lycoris(work, config):
     inputs = sample_inputs()
     ours_logits = outputs(model, inputs)
 
-    lyco_model, unet = TINY_MODELS["llama"](0), torch.nn.Module()
-    net, _ = lycoris_kohya.create_network_from_weights(1.0, str(file), None, lyco_model.model, unet)
-    net.apply_to(lyco_model.model, unet, apply_text_encoder=True, apply_unet=False)
+    lyco_model, net = judge.loaded(file)
     assert len(net.text_encoder_loras) == len(adapter.targets) == 10
     assert compare(adapter, net.text_encoder_loras) <= ATOL
     assert (outputs(lyco_model, inputs) - ours_logits).abs().max().item() <= ATOL
@@ -166,7 +115,7 @@ def test_adapterkit_file_loads_in_lycoris(work, config):
     back = adapterkit.load(file, base=base)
     if config["r"] == 4:  # the scale moved into w1: the same update, alpha = r
         assert all(t["alpha"] == t["r"] == 4 for t in back.targets.values())
-        ours, again = our_deltas(adapter), our_deltas(back)
+        ours, again = delta_weights(adapter), delta_weights(back)
         assert max(float(np.abs(ours[m] - again[m]).max()) for m in ours) <= ATOL
     else:  # adapterkit -> kohya -> adapterkit: exact
         assert back.targets == adapter.targets
@@ -174,9 +123,9 @@ def test_adapterkit_file_loads_in_lycoris(work, config):
 
 
 @pytest.mark.parametrize("layout", ["both-low-rank", "both-full"])
-def test_lycoris_round_trips_are_exact(work, layout):
-    root, base = work
-    _, net = lycoris_network(root, layout, seed=5)
+def test_lycoris_round_trips_are_exact(judge, layout):
+    root, base = judge.root, judge.base
+    _, net = lycoris_network(judge, layout, seed=5)
     file = root / f"half_{layout}.safetensors"
     net.save_weights(str(file), torch.float16, {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "lokr"}'})
     original, meta = adapterkit.read_safetensors(file)
@@ -193,8 +142,8 @@ def test_lycoris_round_trips_are_exact(work, layout):
     assert all(final.tensors[k].tobytes() == v.tobytes() for k, v in adapter.tensors.items())
 
 
-def test_tucker_dora_and_bad_files_are_refused_in_one_line(work):
-    root, _ = work
+def test_tucker_dora_and_bad_files_are_refused_in_one_line(judge):
+    root = judge.root
     from lycoris.modules.lokr import LokrModule
 
     conv = LokrModule("lora_unet_conv_in", torch.nn.Conv2d(16, 16, 3), 1.0, lora_dim=1, alpha=1, use_tucker=True)
@@ -210,7 +159,7 @@ def test_tucker_dora_and_bad_files_are_refused_in_one_line(work):
     assert result.returncode == 1 and len(result.stderr.strip().splitlines() + result.stdout.strip().splitlines()) == 1
     assert "Tucker" in result.stderr + result.stdout
 
-    _, net = lycoris_network(root, "w1-full-w2-low-rank")
+    _, net = lycoris_network(judge, "w1-full-w2-low-rank")
     plain = root / "plain.safetensors"
     net.save_weights(str(plain), torch.float32, None)
     tensors, _ = adapterkit.read_safetensors(plain)
@@ -233,9 +182,9 @@ def test_tucker_dora_and_bad_files_are_refused_in_one_line(work):
         adapterkit.load(root / "half.safetensors")
 
 
-def test_without_the_plugin_the_error_names_it(work):
-    root, _ = work
-    _, net = lycoris_network(root, "both-full")
+def test_without_the_plugin_the_error_names_it(judge):
+    root = judge.root
+    _, net = lycoris_network(judge, "both-full")
     file = root / "noplugin.safetensors"
     net.save_weights(str(file), torch.float32, None)
     bare = adapterkit.Registry(*adapterkit.get_plugin_manager(only={"kohya", "lora"}))
@@ -244,8 +193,8 @@ def test_without_the_plugin_the_error_names_it(work):
     assert "adapterkit-lokr" in info.value.hint and "\n" not in str(info.value)
 
 
-def test_conv1d_targets_are_refused_for_kohya(work):
-    root, _ = work
+def test_conv1d_targets_are_refused_for_kohya(judge):
+    root = judge.root
     handle = adapterkit.inject(TINY_MODELS["gpt2"](0), "lokr", {"r": 2, "target_modules": ["c_attn"]})
     with pytest.raises(adapterkit.LossyConversionError, match="Conv1D"):
         adapterkit.save(handle.to_adapter(), root / "gpt2", format="kohya")
