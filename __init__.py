@@ -76,6 +76,7 @@ _LAZY = {
     "default_registry": "adapterkit.core.plugin.registry",
     "Registry": "adapterkit.core.plugin.registry",
     "targets_fingerprint": "adapterkit.core.format.base_model",
+    "base_fields": "adapterkit.core.format.base_model",
     "read_safetensors": "adapterkit.core.format.safetensors_io",
     "read_safetensors_header": "adapterkit.core.format.safetensors_io",
     "write_safetensors": "adapterkit.core.format.safetensors_io",

@@ -153,6 +153,20 @@ def stacked_shape(slices: list[StackedSlice], weights: Mapping[str, WeightInfo])
     return (count, rows, cols.pop())
 
 
+def base_fields(base: Any) -> dict[str, str]:
+    """The manifest's ``base_model`` fields a base gives, ``model_type`` and ``architecture``: a live model's
+    ``config`` (the architecture its class name when the config lists none), a :class:`BaseModelInfo`'s, or a
+    local folder's (read)."""
+    if hasattr(base, "named_modules"):
+        config = getattr(base, "config", None)
+        archs = getattr(config, "architectures", None) or [type(base).__name__]
+        fields = {"model_type": getattr(config, "model_type", None), "architecture": archs[0]}
+    else:
+        info = base if isinstance(base, BaseModelInfo) else read_base_model(base)
+        fields = {"model_type": info.model_type, "architecture": info.architecture}
+    return {k: v for k, v in fields.items() if isinstance(v, str) and v}
+
+
 def read_base_model(path: str | Path) -> BaseModelInfo:
     """config.json and the tensor headers of a local HF model folder."""
     path = Path(path)

@@ -16,7 +16,7 @@ import torch
 
 from adapterkit.core.errors import BaseModelError, UsageError
 from adapterkit.core.format.adapter import Adapter
-from adapterkit.core.format.base_model import targets_fingerprint
+from adapterkit.core.format.base_model import base_fields, targets_fingerprint
 from adapterkit.core.format.manifest import Manifest
 from adapterkit.core.format.module_index import ModuleIndex, resolve_targets
 from adapterkit.core.format.targeting import PARAMETER
@@ -110,9 +110,7 @@ def base_model_fields(model: torch.nn.Module, targets: Mapping[str, Mapping[str,
     config = getattr(model, "config", None)
     fields: dict[str, Any] = {"fingerprint": targets_fingerprint(targets)}
     if config is not None:
-        archs = getattr(config, "architectures", None) or [type(model).__name__]
-        fields["model_type"] = getattr(config, "model_type", None)
-        fields["architecture"] = archs[0]
+        fields.update(base_fields(model))
         fields["name"] = name or getattr(config, "name_or_path", None) or None
     elif name:
         fields["name"] = name

@@ -19,10 +19,10 @@ Presets (AdapterHub's names; each fills the defaults of the fields not given):
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from adapterkit import config_error, is_int, is_number
 from adapterkit.core.errors import UsageError
 
 #: activation names accepted in ``non_linearity`` (transformers' ACT2FN names AdapterHub uses, plus "leakyrelu")
@@ -141,24 +141,13 @@ TARGET_SCHEMA: dict[str, Any] = {
 }
 
 
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
 
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def preset_defaults(preset: Any) -> dict[str, Any]:
     """DEFAULTS overlaid with one preset's values."""
     if preset not in PRESETS:
-        raise _fail("preset", f"unknown preset {preset!r}", preset, f"use one of {list(PRESETS)}")
+        raise config_error("preset", f"unknown preset {preset!r}", preset, f"use one of {list(PRESETS)}")
     return {**DEFAULTS, **PRESETS[preset], "preset": preset,
             "leave_out": list(PRESETS[preset].get("leave_out", DEFAULTS["leave_out"]))}
 
@@ -176,23 +165,23 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
                              expected=sorted(DEFAULTS), hint=f"did you mean {suggestion!r}?" if suggestion else "remove it",
                              code="bad_config")
         if name in given and name != key:
-            raise _fail(key, f"{key!r} and {name!r} are the same option; give it once", value, f"keep only {name!r}")
+            raise config_error(key, f"{key!r} and {name!r} are the same option; give it once", value, f"keep only {name!r}")
         given[name] = value
     out = {**preset_defaults(given.get("preset", DEFAULTS["preset"])), **given}
 
     for key in ("attention_adapter", "ffn_adapter", "parallel", "original_ln_before", "original_ln_after",
                 "adapter_residual_before_ln", "ln_before", "ln_after"):
         if not isinstance(out[key], bool):
-            raise _fail(key, f"{key} must be true or false", out[key], f"pass {key}=True or False")
+            raise config_error(key, f"{key} must be true or false", out[key], f"pass {key}=True or False")
     if not (out["attention_adapter"] or out["ffn_adapter"]):
-        raise _fail("ffn_adapter", "no placement: attention_adapter and ffn_adapter are both false", False,
+        raise config_error("ffn_adapter", "no placement: attention_adapter and ffn_adapter are both false", False,
                     "set ffn_adapter=True (after the feed-forward block) and/or attention_adapter=True")
 
     out["reduction_factor"] = _check_reduction(out["reduction_factor"])
     size = out["bottleneck_size"]
     if size is not None:
-        if not _is_int(size) or size < 1:
-            raise _fail("bottleneck_size", "bottleneck_size must be an integer >= 1, or null", size,
+        if not is_int(size) or size < 1:
+            raise config_error("bottleneck_size", "bottleneck_size must be an integer >= 1, or null", size,
                         "e.g. bottleneck_size=64, or leave it out to use reduction_factor")
         out["bottleneck_size"] = int(size)
 
@@ -201,58 +190,58 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if lowered in ACTIVATIONS:
             out["non_linearity"] = lowered
         else:
-            raise _fail("non_linearity", f"unknown non_linearity {out['non_linearity']!r}", out["non_linearity"],
+            raise config_error("non_linearity", f"unknown non_linearity {out['non_linearity']!r}", out["non_linearity"],
                         f"use one of {list(ACTIVATIONS)}")
 
     residual = out["residual_before_ln"]
     if not (isinstance(residual, bool) or residual == "post_add"):
-        raise _fail("residual_before_ln", 'residual_before_ln must be true, false or "post_add"', residual,
+        raise config_error("residual_before_ln", 'residual_before_ln must be true, false or "post_add"', residual,
                     "true takes the adapter's residual before the model's layer norm")
     if residual == "post_add" and not out["parallel"] and not out["original_ln_before"]:
-        raise _fail("residual_before_ln", '"post_add" needs original_ln_before=True (AdapterHub fails without it)',
+        raise config_error("residual_before_ln", '"post_add" needs original_ln_before=True (AdapterHub fails without it)',
                     residual, "set original_ln_before=True or residual_before_ln=True")
 
     scaling = out["scaling"]
     if isinstance(scaling, str):
         if scaling not in ("learned", "channel"):
-            raise _fail("scaling", f"unknown scaling {scaling!r}", scaling, 'use a number, "learned" or "channel"')
-    elif _is_number(scaling):
+            raise config_error("scaling", f"unknown scaling {scaling!r}", scaling, 'use a number, "learned" or "channel"')
+    elif is_number(scaling):
         out["scaling"] = float(scaling)
     else:
-        raise _fail("scaling", "scaling must be a number, \"learned\" or \"channel\"", scaling, "e.g. scaling=4.0")
+        raise config_error("scaling", "scaling must be a number, \"learned\" or \"channel\"", scaling, "e.g. scaling=4.0")
 
     if out["init_weights"] not in INITS:
-        raise _fail("init_weights", f"unknown init_weights {out['init_weights']!r}", out["init_weights"],
+        raise config_error("init_weights", f"unknown init_weights {out['init_weights']!r}", out["init_weights"],
                     f"use one of {list(INITS)}")
-    if not _is_number(out["dropout"]) or not 0 <= out["dropout"] < 1:
-        raise _fail("dropout", "dropout must be a number in [0, 1)", out["dropout"], "e.g. dropout=0.1")
+    if not is_number(out["dropout"]) or not 0 <= out["dropout"] < 1:
+        raise config_error("dropout", "dropout must be a number in [0, 1)", out["dropout"], "e.g. dropout=0.1")
     out["dropout"] = float(out["dropout"])
 
     leave_out = out["leave_out"]
     if leave_out is None:
         leave_out = []
-    if not isinstance(leave_out, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in leave_out):
-        raise _fail("leave_out", "leave_out must be a list of layer indices >= 0", leave_out, "e.g. leave_out=[0, 11]")
+    if not isinstance(leave_out, (list, tuple)) or not all(is_int(i) and i >= 0 for i in leave_out):
+        raise config_error("leave_out", "leave_out must be a list of layer indices >= 0", leave_out, "e.g. leave_out=[0, 11]")
     out["leave_out"] = sorted({int(i) for i in leave_out})
     return out
 
 
 def _check_reduction(value: Any) -> float | int | dict[str, float | int]:
     hint = 'e.g. reduction_factor=16, or {"0": 8, "default": 16} per layer'
-    if _is_number(value):
+    if is_number(value):
         if value <= 0:
-            raise _fail("reduction_factor", "reduction_factor must be > 0", value, hint)
+            raise config_error("reduction_factor", "reduction_factor must be > 0", value, hint)
         return int(value) if isinstance(value, int) else value
     if isinstance(value, Mapping) and value:
         out: dict[str, float | int] = {}
         for key, number in value.items():
             if not (key == "default" or (isinstance(key, str) and key.isdigit() and str(int(key)) == key)):
-                raise _fail("reduction_factor", f"key {key!r} must be a layer index or \"default\"", key, hint)
-            if not _is_number(number) or number <= 0:
-                raise _fail("reduction_factor", f"value of {key!r} must be a number > 0", number, hint)
+                raise config_error("reduction_factor", f"key {key!r} must be a layer index or \"default\"", key, hint)
+            if not is_number(number) or number <= 0:
+                raise config_error("reduction_factor", f"value of {key!r} must be a number > 0", number, hint)
             out[key] = number
         return out
-    raise _fail("reduction_factor", "reduction_factor must be a number > 0 or a per-layer mapping", value, hint)
+    raise config_error("reduction_factor", "reduction_factor must be a number > 0 or a per-layer mapping", value, hint)
 
 
 def bottleneck_size(config: Mapping[str, Any], hidden: int, layer: int | None) -> int:
@@ -267,7 +256,7 @@ def bottleneck_size(config: Mapping[str, Any], hidden: int, layer: int | None) -
         elif "default" in factor:
             factor = factor["default"]
         else:
-            raise _fail("reduction_factor", f"no value for layer {layer} and no \"default\"", dict(factor),
+            raise config_error("reduction_factor", f"no value for layer {layer} and no \"default\"", dict(factor),
                         'add a "default" entry')
     return max(1, int(hidden // factor))
 

@@ -50,20 +50,6 @@ def base_layout(base: Any, file: str) -> Layout:
     return layout
 
 
-def base_fields(base: Any) -> dict[str, Any]:
-    """``model_type`` and ``architecture`` of the base (the runtime rules for experts depend on the class)."""
-    if hasattr(base, "named_modules"):
-        config = getattr(base, "config", None)
-        archs = getattr(config, "architectures", None) or [type(base).__name__]
-        fields = {"model_type": getattr(config, "model_type", None), "architecture": archs[0]}
-    else:
-        from adapterkit.core.format.base_model import BaseModelInfo, read_base_model
-
-        info = base if isinstance(base, BaseModelInfo) else read_base_model(base)
-        fields = {"model_type": info.model_type, "architecture": info.architecture}
-    return {k: v for k, v in fields.items() if isinstance(v, str) and v}
-
-
 def _selected(key: str, wanted: list[str]) -> bool:
     return any(key == t or key.endswith("." + t) for t in wanted)
 

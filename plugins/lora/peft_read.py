@@ -97,7 +97,7 @@ def read(ctx: Any) -> Adapter:
         method_config["target_parameters"] = sorted(set(config["target_parameters"]))
     base_model = None
     if param_targets:
-        from .peft_params import base_fields
+        from adapterkit import base_fields
 
         base_model = base_fields(ctx.base)
     return ctx.adapter(method, method_config, targets, tensors, dtype, base_model=base_model, warnings=warnings)

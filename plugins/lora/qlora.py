@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from adapterkit import config_error
 from adapterkit.core.errors import UsageError
 from adapterkit.core.plugin.capabilities import MergedWeight, QuantizedBase, TraceExport
 
@@ -95,25 +96,22 @@ def validate_qlora_config(config: Mapping[str, Any]) -> dict[str, Any]:
     quant = {**QUANT_DEFAULTS, **{k: v for k, v in config.items() if k in QUANT_DEFAULTS}}
     _choice("quant_type", quant["quant_type"], QUANT_TYPES, 'quant_type="nf4" (the paper\'s NormalFloat4)')
     if not isinstance(quant["double_quant"], bool):
-        raise _fail("double_quant", "double_quant must be true or false", quant["double_quant"], "pass double_quant=True")
+        raise config_error("double_quant", "double_quant must be true or false", quant["double_quant"], "pass double_quant=True")
     blocksize = quant["blocksize"]
     if isinstance(blocksize, float) and blocksize.is_integer():
         blocksize = int(blocksize)
     if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
-        raise _fail("blocksize", f"blocksize must be one of {list(BLOCKSIZES)}", quant["blocksize"], "pass blocksize=64")
+        raise config_error("blocksize", f"blocksize must be one of {list(BLOCKSIZES)}", quant["blocksize"], "pass blocksize=64")
     quant["blocksize"] = int(blocksize)
     _choice("compute_dtype", quant["compute_dtype"], COMPUTE_DTYPES, 'compute_dtype="float32" on CPU')
     _choice("quantize", quant["quantize"], QUANT_SCOPES, 'quantize="all-linear" (every base linear but the head)')
     return {**lora, **quant}
 
 
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
-
 
 def _choice(key: str, value: Any, choices: tuple[str, ...], hint: str) -> None:
     if not isinstance(value, str) or value not in choices:
-        raise _fail(key, f"{key} must be one of {list(choices)}", value, f"pass {hint}")
+        raise config_error(key, f"{key} must be one of {list(choices)}", value, f"pass {hint}")
 
 
 class QloraMethod(LoraMethod, MergedWeight, QuantizedBase, TraceExport):

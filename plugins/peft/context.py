@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from adapterkit import Adapter, BaseModelError, LossyConversionError, Manifest, pattern_value, targets_fingerprint
+from adapterkit import (
+    Adapter, BaseModelError, LossyConversionError, Manifest, base_fields, pattern_value, targets_fingerprint,
+)
 from adapterkit.core.format.base_model import BaseModelInfo, read_base_model
 
 from . import files, rules, selection
@@ -111,16 +113,7 @@ class PeftContext:
     def base_fields(self) -> dict[str, str]:
         """The manifest's ``base_model`` fields the base gives (``model_type``, ``architecture``); ``{}`` without
         a base."""
-        source = self._base_source
-        if source is None:
-            return {}
-        if isinstance(source, BaseModelInfo):
-            fields = {"model_type": source.model_type, "architecture": source.architecture}
-        else:
-            config = getattr(source, "config", None)
-            fields = {"model_type": getattr(config, "model_type", None),
-                      "architecture": (getattr(config, "architectures", None) or [type(source).__name__])[0]}
-        return {k: v for k, v in fields.items() if isinstance(v, str) and v}
+        return {} if self._base_source is None else base_fields(self._base_source)
 
     @functools.cached_property
     def _base_source(self) -> Any:

@@ -40,7 +40,7 @@ import numpy as np
 from adapterkit import Adapter, Codec, check_tensor_dims
 from adapterkit.core.errors import AdapterkitError, BaseModelError, FormatError, LossyConversionError, TensorFileError
 from adapterkit.core.format import safetensors_io
-from adapterkit.core.format.base_model import BaseModelInfo, read_base_model
+from adapterkit.core.format.base_model import BaseModelInfo, base_fields, read_base_model
 
 from .prefix_layout import layer_plans, prefix_targets
 from .prompt_layout import ModelDims, find_input_embedding, model_dims, weight_shapes
@@ -228,15 +228,12 @@ def _base_layout(base: Any) -> tuple[dict[str, list[int]], ModelDims, dict[str, 
         base = read_base_model(base)
     if isinstance(base, BaseModelInfo):
         shapes = weight_shapes({key: w.shape for key, w in base.weights.items()})
-        info = {"model_type": base.model_type, "architecture": base.architecture}
-        return shapes, model_dims(base.config), {k: v for k, v in info.items() if v}
+        return shapes, model_dims(base.config), base_fields(base)
     if hasattr(base, "named_modules"):  # a live torch model
         from .prefix_module import weight_shapes as live_shapes
 
         config = getattr(base, "config", None)
-        archs = getattr(config, "architectures", None) or [type(base).__name__]
-        info = {"model_type": getattr(config, "model_type", None), "architecture": archs[0]}
-        return live_shapes(base), model_dims(config or {}), {k: v for k, v in info.items() if v}
+        return live_shapes(base), model_dims(config or {}), base_fields(base)
     raise FormatError("base must be a model folder, a BaseModelInfo or a torch model", found=type(base).__name__,
                       code="needs_base")
 

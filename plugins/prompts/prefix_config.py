@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .prompt_config import _fail, _is_int, check_unknown, check_virtual_tokens
+from adapterkit import config_error, is_int
+
+from .prompt_config import check_unknown, check_virtual_tokens
 
 DEFAULTS: dict[str, Any] = {
     "num_virtual_tokens": 20,
@@ -72,16 +74,16 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     out = {**DEFAULTS, **config}
     out["num_virtual_tokens"] = check_virtual_tokens(out["num_virtual_tokens"])
     if not isinstance(out["prefix_projection"], bool):
-        raise _fail("prefix_projection", "prefix_projection must be true or false", out["prefix_projection"],
+        raise config_error("prefix_projection", "prefix_projection must be true or false", out["prefix_projection"],
                     "pass prefix_projection=True to train through the MLP")
     size = out["encoder_hidden_size"]
     if size is not None:
-        if not _is_int(size) or size < 1:
-            raise _fail("encoder_hidden_size", "encoder_hidden_size must be an integer >= 1, or null", size,
+        if not is_int(size) or size < 1:
+            raise config_error("encoder_hidden_size", "encoder_hidden_size must be an integer >= 1, or null", size,
                         "e.g. encoder_hidden_size=512, or leave it out (kv_dim)")
         out["encoder_hidden_size"] = int(size)
     if out["init"] is None:  # PEFT's init_weights=None
         out["init"] = "random"
     if out["init"] not in INITS:
-        raise _fail("init", f"init must be one of {list(INITS)}", out["init"], 'e.g. init="random"')
+        raise config_error("init", f"init must be one of {list(INITS)}", out["init"], 'e.g. init="random"')
     return out

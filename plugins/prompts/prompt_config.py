@@ -9,6 +9,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
+from adapterkit import config_error, is_int
 from adapterkit.core.errors import UsageError
 
 DEFAULTS: dict[str, Any] = {
@@ -62,14 +63,6 @@ TARGET_SCHEMA: dict[str, Any] = {
 }
 
 
-def _fail(key: str, message: str, found: Any, hint: str) -> UsageError:
-    return UsageError(message, location=f"$.method.config.{key}", found=found, hint=hint, code="bad_config")
-
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_unknown(config: Mapping[str, Any], defaults: Mapping[str, Any], aliases: Mapping[str, str], what: str) -> None:
@@ -84,8 +77,8 @@ def check_unknown(config: Mapping[str, Any], defaults: Mapping[str, Any], aliase
 
 
 def check_virtual_tokens(value: Any) -> int:
-    if not _is_int(value) or value < 1:
-        raise _fail("num_virtual_tokens", "num_virtual_tokens must be an integer >= 1", value,
+    if not is_int(value) or value < 1:
+        raise config_error("num_virtual_tokens", "num_virtual_tokens must be an integer >= 1", value,
                     "pass e.g. num_virtual_tokens=20")
     return int(value)
 
@@ -99,14 +92,14 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(init, str) and init.lower() in INITS:  # PEFT writes RANDOM / SAMPLE_VOCAB / TEXT
         init = out["init"] = init.lower()
     if init not in INITS:
-        raise _fail("init", f"init must be one of {list(INITS)}", init, 'e.g. init="sample_vocab"')
+        raise config_error("init", f"init must be one of {list(INITS)}", init, 'e.g. init="sample_vocab"')
     ids = out["init_text_ids"]
     if ids is not None:
-        if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
-            raise _fail("init_text_ids", "init_text_ids must be a non-empty list of token ids >= 0, or null", ids,
+        if not isinstance(ids, (list, tuple)) or not ids or not all(is_int(i) and i >= 0 for i in ids):
+            raise config_error("init_text_ids", "init_text_ids must be a non-empty list of token ids >= 0, or null", ids,
                         "tokenise the text first: init_text_ids=tokenizer(text)['input_ids']")
         out["init_text_ids"] = [int(i) for i in ids]
     if init == "text" and ids is None:
-        raise _fail("init_text_ids", 'init "text" needs init_text_ids', None,
+        raise config_error("init_text_ids", 'init "text" needs init_text_ids', None,
                     "pass init_text_ids=tokenizer(text)['input_ids'] (the manifest stores ids, not text)")
     return out

@@ -132,13 +132,13 @@ class AdaLoraPeftCodec(Codec):
                 why = f"its rank_pattern keeps {expected_r}" if mask is not None else f"init_r is {init_r} (no rank_pattern)"
                 raise FormatError(f"{module} has rank {r} but {why}: PEFT could not load this folder", file=file,
                                   location=context.key(module, "lora_A"), code="tensor_shape")
-            kind = context.base_module(module, KINDS).kind if context.base is not None else None
-            kind = kind or ("conv1d" if conv1d else "linear")
+            in_base = context.base_module(module, KINDS) if context.base is not None else None
+            kind = (in_base and in_base.kind) or ("conv1d" if conv1d else "linear")
             fan_in, fan_out = int(a.shape[1]), int(b.shape[0])
             shape = [fan_out, fan_in] if kind == "linear" else [fan_in, fan_out]
-            if context.base is not None and context.base_module(module, KINDS).shape != shape:
+            if in_base is not None and in_base.shape != shape:
                 raise BaseModelError(f"the AdaLoRA factors of {module} make a {kind} weight of shape {shape}, the "
-                                     f"base's is {context.base_module(module, KINDS).shape}", location=module,
+                                     f"base's is {in_base.shape}", location=module,
                                      hint="is this the right base model?", code="wrong_base")
             if r == 0:  # pruned to rank 0: adds nothing, so it is no target (its rank_pattern mask stays)
                 continue
@@ -150,7 +150,7 @@ class AdaLoraPeftCodec(Codec):
             raise FormatError("every module is pruned to rank 0: the adapter changes nothing", file=file,
                               hint="save the adapter from an earlier step of the budget schedule", code="no_targets")
         # a mask names a module with tensors, or prunes it to rank 0 (nothing to store: adapterkit writes none)
-        stray = sorted(key for key in set(pattern) - {pattern_key(m) for m in found} if not (isinstance(pattern[key], list) and not any(pattern[key])))
+        stray = sorted(key for key in set(pattern) - {pattern_key(m) for m in found} if not _pruned(pattern[key]))
         if stray:
             raise FormatError(f"rank_pattern names {stray[0]!r}, which has no tensors", file=context.config_file,
                               location="$.rank_pattern", code="bad_config")
@@ -200,7 +200,7 @@ class AdaLoraPeftCodec(Codec):
                 tensors[context.key(module, leaf)] = np.asarray(adapter.tensors[f"{module}.adalora.{param}"])
         pattern = _rank_pattern(targets, config, context.original)
         # a module pruned to rank 0 is no target but PEFT must adapt it to resize it by its mask
-        pruned = [key.removesuffix(".lora_E") for key, mask in (pattern or {}).items() if not any(mask)]
+        pruned = [key.removesuffix(".lora_E") for key, mask in (pattern or {}).items() if _pruned(mask)]
         fields: dict[str, Any] = {
             **context.selection(sorted({*modules, *pruned}), wanted=config.get("target_modules"),
                                 layers=config.get("layers_to_transform")),
@@ -216,12 +216,17 @@ class AdaLoraPeftCodec(Codec):
         return fields, tensors
 
 
+def _pruned(mask: Any) -> bool:
+    """Whether a ``rank_pattern`` mask prunes its module to rank 0 (no target, nothing stored)."""
+    return isinstance(mask, list) and not any(mask)
+
+
 def _consistent(pattern: Any, targets: Mapping[str, Mapping[str, Any]], init_r: int) -> bool:
     """Whether PEFT, loading with ``pattern``, gives every module exactly its recorded rank."""
     if not isinstance(pattern, Mapping):
         return False
     keys = {pattern_key(m): m for m in targets}
-    if any(sum(bool(v) for v in pattern[key]) for key in set(pattern) - set(keys)):
+    if not all(_pruned(pattern[key]) for key in set(pattern) - set(keys)):
         return False  # only modules pruned to rank 0 are left out of targets
     for key, module in keys.items():
         mask = pattern.get(key)
