@@ -206,6 +206,19 @@ def test_config_fields_peft_cannot_hold_are_refused(tmp_path):
         assert field in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("field,value", [("init_r", "eight"), ("init_r", 0),
+                                         ("rank_pattern", {"model.layers.0.self_attn.q_proj.lora_E": [True]})])
+def test_a_bad_config_value_is_named_before_the_tensors_are_checked(tmp_path, field, value):
+    """The tensor checks rely on init_r and rank_pattern: a bad value is named at its field, not as a shape error."""
+    folder = tmp_path / "peft"
+    peft.get_peft_model(TINY_MODELS["llama"](0), peft_config("llama")).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(adapterkit.FormatError) as caught:
+        adapterkit.load(folder)
+    assert caught.value.code == "bad_config" and caught.value.location.startswith(f"$.{field}"), caught.value
+
+
 def test_writer_refuses_without_total_step(tmp_path):
     model = TINY_MODELS["llama"](0)
     config = {k: v for k, v in CONFIGS["llama"].items() if k != "total_step"}

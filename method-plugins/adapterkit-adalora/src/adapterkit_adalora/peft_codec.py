@@ -108,6 +108,15 @@ class AdaLoraPeftCodec(Codec):
         if not found:
             raise FormatError(f"the file holds no AdaLoRA tensor ({context.key('<module>', 'lora_A')})", file=file,
                               code="no_targets")
+        if method_config.get("target_modules") is None:  # PEFT's selection by the modules it saved
+            method_config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in found})
+        try:  # the config first: the tensor checks below rely on init_r and rank_pattern
+            check_config({**DEFAULTS, **method_config})
+        except UsageError as exc:
+            field = (exc.location or "").removeprefix("$.method.config.")
+            raise FormatError(f"PEFT AdaLoRA config: {field} {exc.message.removeprefix(field).strip()}",
+                              file=context.config_file, location=f"$.{field}" if field else None, found=exc.found,
+                              hint=exc.hint, code="bad_config") from None
         conv1d = bool(config.get("fan_in_fan_out", False))
         init_r = method_config["init_r"]
         pattern = config.get("rank_pattern") or {}
@@ -157,15 +166,6 @@ class AdaLoraPeftCodec(Codec):
         if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
             raise FormatError("the AdaLoRA tensors must share one float dtype", file=file, found=sorted(dtypes),
                               code="dtype")
-        if method_config.get("target_modules") is None:
-            method_config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in targets})
-        try:
-            check_config({**DEFAULTS, **method_config})
-        except UsageError as exc:
-            field = (exc.location or "").removeprefix("$.method.config.")
-            raise FormatError(f"PEFT AdaLoRA config: {field} {exc.message.removeprefix(field).strip()}",
-                              file=context.config_file, location=f"$.{field}" if field else None, found=exc.found,
-                              hint=exc.hint, code="bad_config") from None
         method_config = {k: v for k, v in method_config.items() if k not in DEFAULTS or v != DEFAULTS[k]}
         return context.adapter("adalora", method_config, targets, tensors, dtypes.pop(),
                                base_model=context.base_fields())
