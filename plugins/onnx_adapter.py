@@ -76,7 +76,8 @@ class OnnxAdapterFormat(Format):
         return [
             "the file holds no scale: it reads as alpha = r (the update is the same)",
             "whether the names match a model's inputs (adapterkit export check does, on an export folder)",
-            "the module kinds (linear or GPT-2 Conv1D) unless --base is given",
+            "the module kinds (linear or GPT-2 Conv1D) without --base: the file does not record them, so each module "
+            "reads as linear",
         ]
 
 

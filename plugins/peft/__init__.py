@@ -116,7 +116,8 @@ class PeftFormat(Format):
     def checks(self, path: Path) -> list[str]:
         return [
             "checksums (PEFT folders carry none)",
-            "base fingerprint (PEFT records only base_model_name_or_path; pass --base to check shapes)",
+            "base fingerprint (PEFT records only base_model_name_or_path: --base checks module shapes, not that "
+            "the weights are the same model's)",
         ]
 
 
