@@ -47,6 +47,17 @@ _VARIANTS = {
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "layer_replication": "layer replication (the model's layer stack is rebuilt)",
 }
+#: every field of PEFT's LoraConfig (0.21.2; the configs of 0.3 to 0.21 have no other), less PeftConfig's own: a
+#: set field outside these comes from another PEFT release and is refused, not dropped (tests hold this equal to
+#: the installed PEFT and to every release in plugins/peft/releases.json)
+KNOWN_FIELDS = frozenset({
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "fan_in_fan_out", "bias", "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "modules_to_save", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
+    "megatron_core", "runtime_config", "layer_replication", "lora_bias", "target_parameters",
+    "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "qalora_group_size", "ensure_weight_tying",
+    *_VARIANTS,
+})
 # init_lora_weights values after which the saved LoRA is relative to a modified base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -59,6 +70,7 @@ Pairs = dict[str, dict[str, tuple[str, np.ndarray]]]
 def read(ctx: Any) -> Adapter:
     """The adapter of a PEFT LoRA folder (``ctx``: the peft format's read context)."""
     config, config_file = ctx.config, ctx.config_file
+    ctx.refuse_unknown_fields(KNOWN_FIELDS, "lora")
     _check_fields(config, config_file)
     raw, file = ctx.tensors, ctx.tensors_file
     check_tensor_dims(raw, file)
