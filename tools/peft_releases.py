@@ -43,7 +43,8 @@ RELEASES = (
 )
 #: peft_type -> its config class (the peft_types adapterkit's codecs write)
 CONFIG_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config", "PROMPT_TUNING": "PromptTuningConfig",
-                  "PREFIX_TUNING": "PrefixTuningConfig"}
+                  "PREFIX_TUNING": "PrefixTuningConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig",
+                  "VERA": "VeraConfig", "ADALORA": "AdaLoraConfig", "OFT": "OFTConfig", "BOFT": "BOFTConfig"}
 OUT = Path(__file__).resolve().parent.parent / "plugins" / "peft" / "releases.json"
 _FACTORIES = {"dict": {}, "list": [], "set": [], "tuple": []}
 _COMPARED = re.compile(r"""init_lora_weights\)?(?:\.lower\(\))?\s*[!=]=\s*["']([a-z_]+)["']""")

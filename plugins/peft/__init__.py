@@ -90,6 +90,8 @@ class PeftFormat(Format):
                      f"{_PLUGIN_KIND} for this method",
                 code="unsupported",
             )
+        if release is not None:
+            release.check_type(codec.key)  # before the codec's own rules for the release
         refusal = codec.refusal(adapter)
         if refusal:
             raise LossyConversionError(f"PEFT's {codec.key} layout cannot hold this {method!r} adapter: {refusal}",

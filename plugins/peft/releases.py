@@ -10,6 +10,9 @@ A config for release X keeps the fields X knows. A field X does not know is left
 value is the default of the release that added it (PEFT X then behaves as the adapter says: the
 feature is off); any other value is refused, naming the field and the release that added it,
 because PEFT X would either fail on the key (before 0.14) or ignore it and load another adapter.
+``auto_mapping`` and ``revision`` describe the base, not the adapter: left out where X lacks them.
+What changed beyond the fields (a layout, a scale) is each codec's to handle, with
+:meth:`PeftRelease.before`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from adapterkit.core.errors import LossyConversionError, UsageError
 TABLE = Path(__file__).with_name("releases.json")
 #: fields that say which PEFT wrote the file (PEFT >= 0.18 fills ``peft_version`` itself): the release asked for
 _VERSION_FIELD = "peft_version"
+#: fields that describe the adapter's surroundings, not the adapter (the base's revision, the model class
+#: ``AutoPeftModel`` builds): left out for a release that lacks them (0.3.0), whatever their value
+_CONTEXT_FIELDS = ("auto_mapping", "revision")
 #: what a field turns on, for messages (the field name alone is clear for the others)
 FEATURES = {
     "use_dora": "DoRA (use_dora)", "use_rslora": "rsLoRA (use_rslora)", "rank_pattern": "per-module ranks (rank_pattern)",
@@ -87,6 +93,11 @@ class PeftRelease:
     def label(self) -> str:
         return f"PEFT {self.version}"
 
+    def before(self, version: str) -> bool:
+        """Whether this release is older than ``version`` (e.g. ``"0.14.0"``): for a codec whose layout or math
+        changed in ``version``."""
+        return parse(self.version) < parse(version)
+
     def fields(self, peft_type: str) -> dict[str, Any] | None:
         """Field -> default of ``peft_type``'s config class in this release (None: no such config here)."""
         return self._data["configs"].get(peft_type)
@@ -138,25 +149,33 @@ class PeftRelease:
 
     # ---- a whole config ------------------------------------------------------------
 
+    def check_type(self, peft_type: str) -> dict[str, Any]:
+        """The fields of ``peft_type``'s config in this release; a LossyConversionError when the release has no
+        such adapters (or adapterkit no table of them)."""
+        known = self.fields(peft_type)
+        if known is not None:
+            return known
+        first = self.added(peft_type)
+        reason = (f"{peft_type} adapters came with PEFT {first[0]}" if first is not None else
+                  f"adapterkit has no table of the {peft_type} config fields of PEFT releases (it has "
+                  f"{', '.join(sorted(table()[max(table(), key=_key)]['configs']))})")
+        raise LossyConversionError(f"{self.label} cannot hold this adapter: {reason}", location="$.peft_type",
+                                   found=peft_type, hint="convert without --peft-version" if first is None
+                                   else f"write for PEFT {first[0]} or later (--peft-version {first[0]})",
+                                   code="peft_version")
+
     def config(self, peft_type: str, config: Mapping[str, Any]) -> dict[str, Any]:
         """``config`` as this release holds it: unknown default-valued fields left out, ``peft_version`` set to
         this release where it has the field; a LossyConversionError for a value it cannot hold."""
-        known = self.fields(peft_type)
-        if known is None:
-            first = self.added(peft_type)
-            reason = (f"{peft_type} adapters came with PEFT {first[0]}" if first is not None else
-                      f"adapterkit has no table of the {peft_type} config fields of PEFT releases (it has "
-                      f"{', '.join(sorted(table()[max(table(), key=_key)]['configs']))})")
-            raise LossyConversionError(f"{self.label} cannot hold this adapter: {reason}", location="$.peft_type",
-                                       found=peft_type, hint="convert without --peft-version" if first is None
-                                       else f"write for PEFT {first[0]} or later (--peft-version {first[0]})",
-                                       code="peft_version")
+        known = self.check_type(peft_type)
         out: dict[str, Any] = {}
         for field, value in config.items():
             if field == _VERSION_FIELD:
                 continue
             if field in known:
                 out[field] = value
+                continue
+            if field in _CONTEXT_FIELDS:
                 continue
             added = self.added(peft_type, field)
             if added is not None and _noop(value, added[1]):

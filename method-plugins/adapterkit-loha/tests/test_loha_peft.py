@@ -196,10 +196,17 @@ def test_what_loha_cannot_hold_is_refused(tmp_path):
         adapterkit.load(folder, base=TINY_MODELS["bert"](0))
 
 
-def test_peft_version_is_refused_cleanly(tmp_path):
+def test_peft_version_writes_what_the_release_knows_and_refuses_a_release_before_loha(tmp_path):
+    """(The real releases load it: tests/test_peft_versions_methods.py in the adapterkit repository.)"""
     folder, _ = peft_written("llama", tmp_path / "peft")
-    with pytest.raises(adapterkit.LossyConversionError, match="LOHA"):
-        adapterkit.save(adapterkit.load(folder), tmp_path / "old", format="peft", peft_version="0.14.0")
+    adapter = adapterkit.load(folder)
+    adapterkit.save(adapter, tmp_path / "0.13", format="peft", peft_version="0.13.2")
+    config = json.loads((tmp_path / "0.13" / "adapter_config.json").read_text())
+    assert "exclude_modules" not in config and "peft_version" not in config  # 0.14.0's and 0.18.0's fields
+    assert adapterkit.load(tmp_path / "0.13").tensors.keys() == adapter.tensors.keys()
+    with pytest.raises(adapterkit.LossyConversionError, match="LOHA adapters came with PEFT 0.6.0"):
+        adapterkit.save(adapter, tmp_path / "old", format="peft", peft_version="0.5.0")
+    assert not (tmp_path / "old").exists()
 
 
 @pytest.mark.parametrize("kind,config", [
