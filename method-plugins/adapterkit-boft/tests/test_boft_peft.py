@@ -196,3 +196,34 @@ def test_inconsistent_peft_folders_are_refused(tmp_path):
     _tamper(folder, boft_block_size=4, boft_block_num=0)
     with pytest.raises(adapterkit.BaseModelError):
         adapterkit.load(folder, base=save_tiny_base("bert", tmp_path / "bert"))
+
+
+def test_the_butterfly_permutations_peft_0_11_saved_are_checked_and_not_kept(tmp_path):
+    """PEFT 0.11 / 0.12 saved each module's boft_P buffer: a file holding PEFT's own buffers (two butterfly
+    factors, through the CUDA-extension path) reads as the file without them; any other permutation is refused."""
+    from safetensors.numpy import load_file, save_file
+
+    previous = set_fbd(fake_fbd())
+    try:
+        folder, _ = _peft_folder(tmp_path, "llama", peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
+                                                                    target_modules=["q_proj", "down_proj"]))
+        model = peft.PeftModel.from_pretrained(TINY_MODELS["llama"](0), str(folder))
+        buffers = {f"{name}.boft_P": module.boft_P.detach().numpy() for name, module in model.named_modules()
+                   if hasattr(module, "boft_P") and isinstance(module.boft_P, torch.Tensor)}
+    finally:
+        set_fbd(previous)
+    assert buffers and all(b.shape[0] == 2 for b in buffers.values())
+    without = adapterkit.load(folder)
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(file)
+    save_file({**tensors, **buffers}, file, metadata={"format": "pt"})
+    with_p = adapterkit.load(folder)
+    assert with_p.targets == without.targets and with_p.tensors.keys() == without.tensors.keys()
+    assert all(np.array_equal(with_p.tensors[k], v) for k, v in without.tensors.items())
+    key = sorted(buffers)[0]
+    wrong = buffers[key].copy()
+    wrong[0, [0, 1]] = wrong[0, [1, 0]]  # swap two rows: a permutation, not PEFT's
+    save_file({**tensors, **buffers, key: wrong}, file, metadata={"format": "pt"})
+    with pytest.raises(adapterkit.LossyConversionError, match="not the butterfly permutation") as caught:
+        adapterkit.load(folder)
+    assert caught.value.location == key

@@ -17,6 +17,11 @@ tensors under a config that may say more. The function PEFT computes with such a
 one-factor one; it is read as such (``n_butterfly_factor`` 1, with a warning) and written back with
 ``boft_n_butterfly_factor: 1``, which every PEFT loads alike. A folder with ``N > 1`` loads in PEFT only
 where the extension builds (a CUDA machine with ninja).
+
+PEFT 0.11 and 0.12 also saved each module's butterfly permutations, ``boft_P [N, in, in]`` (a buffer
+PEFT builds from the shapes; 0.13 stopped saving it). Such a file is read when every ``boft_P`` is
+the permutation PEFT builds for its module, and refused otherwise; it is not written (those releases
+build it when they load).
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from adapterkit import (
     Adapter, BaseModelError, Codec, FormatError, LossyConversionError, check_tensor_dims,
 )
 
-from .method import DEFAULTS, block_problem
+from .method import DEFAULTS, block_problem, butterfly_perms
 
 LEAVES = {"R": "boft_R", "s": "boft_s"}
+#: the butterfly permutations PEFT 0.11 / 0.12 saved beside them (checked, not kept)
+PERMUTATION = "boft_P"
 #: every field of PEFT 0.21.2's BOFTConfig besides PeftConfig's
 KNOWN_FIELDS = frozenset({"boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules",
                           "exclude_modules", "boft_dropout", "fan_in_fan_out", "bias", "modules_to_save",
@@ -62,7 +69,7 @@ class BoftPeftCodec(Codec):
         found: dict[str, dict[str, np.ndarray]] = {}
         other = []
         for key, value in raw.items():
-            for param, leaf in LEAVES.items():
+            for param, leaf in {**LEAVES, "P": PERMUTATION}.items():
                 module = context.module_of(key, leaf)
                 if module is not None:
                     found.setdefault(module, {})[param] = value
@@ -114,6 +121,9 @@ class BoftPeftCodec(Codec):
             if problem:
                 raise FormatError(f"{module}: {problem[1]}", file=file, location=context.key(module, "boft_R"),
                                   code="tensor_shape")
+            if "P" in pair:
+                _check_permutations(module, pair["P"], butterfly_perms(fan_in, size, num, n),
+                                    context.key(module, PERMUTATION), file)
             if context.base is not None:
                 _check_base(module, context.base_module(module, kinds=("linear",)).shape, [fan_out, fan_in])
             targets[module] = {"kind": "linear", "shape": [fan_out, fan_in], "block_size": size, "block_num": num,
@@ -251,3 +261,20 @@ def _check_base(module: str, stored: list[int], shape: list[int]) -> None:
     if list(stored) != shape:
         raise BaseModelError(f"{module}: the BOFT tensors make a [out, in] = {shape} weight, the base's is "
                              f"{list(stored)}", location=module, hint="is this the right base model?", code="wrong_base")
+
+
+def _check_permutations(module: str, saved: np.ndarray, perms: tuple[tuple[int, ...], ...], key: str,
+                        file: str) -> None:
+    """A saved ``boft_P`` must be the permutation matrices PEFT builds (``P[j, perm[j]] = 1``): then it holds
+    nothing the shapes do not, and is not kept."""
+    fan_in = len(perms[0])
+    if saved.shape != (len(perms), fan_in, fan_in):
+        raise FormatError(f"boft_P of {module} has shape {list(saved.shape)}, PEFT builds [{len(perms)}, {fan_in}, "
+                          f"{fan_in}] for it", file=file, location=key, code="tensor_shape")
+    want = np.zeros(saved.shape, dtype=np.float64)
+    for i, perm in enumerate(perms):
+        want[i, np.arange(fan_in), perm] = 1.0
+    if not np.array_equal(saved.astype(np.float64), want):
+        raise LossyConversionError(f"boft_P of {module} is not the butterfly permutation PEFT builds for its shapes; "
+                                   "a boft adapter holds no other permutation and it would be lost", file=file,
+                                   location=key, code="unsupported")
