@@ -12,7 +12,11 @@ initial rank) and its tensors cut to the kept ranks (``AdaLoraModel.resize_state
 loads it by resizing each listed module to the mask's sum first (``resize_modules_by_rank_pattern``), keeping
 ``ranknum = init_r``. A module pruned to rank 0 has zero-sized tensors: it adds nothing, so it is read as no
 target (adapterkit's format has no empty tensor), its all-false mask kept in ``rank_pattern``; written back, PEFT
-resizes it to rank 0 again and finds nothing to load. Without ``rank_pattern`` every module has ``init_r``. The
+resizes it to rank 0 again, and with the ``base`` option its zero-sized tensors are written as PEFT writes them
+(without the base their shapes are unknown: PEFT then warns of missing keys and loads the same model). PEFT 0.8
+and 0.9 cannot resize a module to rank 0 (``r`` must be positive): written for them, such a module is left out of
+the selection and ``rank_pattern``, which adds the same nothing. Without ``rank_pattern`` every module has
+``init_r``. The
 tensors give every shape, so reading needs no base (``kind`` is ``conv1d`` when the config says
 ``fan_in_fan_out``); a base given as ``base`` decides the kind per module and is checked against the shapes.
 
@@ -201,12 +205,24 @@ class AdaLoraPeftCodec(Codec):
         pattern = _rank_pattern(targets, config, context.original)
         # a module pruned to rank 0 is no target but PEFT must adapt it to resize it by its mask
         pruned = [key.removesuffix(".lora_E") for key, mask in (pattern or {}).items() if _pruned(mask)]
+        release = context.release
+        if pruned and release is not None and not release.before("0.8.0") and release.before("0.10.0"):
+            pattern = {key: mask for key, mask in pattern.items() if not _pruned(mask)} or None
+            pruned = []
+        conv1d = all(targets[m].get("kind") == "conv1d" for m in modules)
+        if pruned and context.base is not None:
+            dtype = np.asarray(next(iter(tensors.values()))).dtype
+            for module in pruned:
+                shape = context.base_module(module, kinds=KINDS).shape
+                fan_in, fan_out = (shape[0], shape[1]) if conv1d else (shape[1], shape[0])
+                for leaf, empty in (("A", (0, fan_in)), ("E", (0, 1)), ("B", (fan_out, 0))):
+                    tensors[context.key(module, LEAVES[leaf])] = np.zeros(empty, dtype=dtype)
         fields: dict[str, Any] = {
             **context.selection(sorted({*modules, *pruned}), wanted=config.get("target_modules"),
                                 layers=config.get("layers_to_transform")),
             **{field: config[field] for field in METHOD_FIELDS},
             "rank_pattern": pattern,
-            "fan_in_fan_out": all(targets[m].get("kind") == "conv1d" for m in modules),
+            "fan_in_fan_out": conv1d,
             "bias": "none",
             "modules_to_save": None,
         }

@@ -16,6 +16,13 @@ The tensors give the shapes (``out = a * b``, ``in = c * d``), so reading needs 
 is refused here, as are ``modules_to_save`` and any config field this codec does not know with a
 value set. A folder that disagrees with PEFT's own layout rule for its config (a rank or factor
 PEFT would not build) is refused too: PEFT could not load it.
+
+PEFT before 0.14.0 applied no ``alpha / r`` to LoKr (``make_kron(w1, w2)``; 0.14.0 added the scale
+and the ``rank_dropout_scale`` field, which every later config holds). A config without
+``rank_dropout_scale`` is read as such a folder: each module's alpha is its r (scale 1, what that
+PEFT computes), with a warning when the config's alphas said otherwise. Written for a release
+before 0.14.0 (``--peft-version``), each module's scale is folded into ``w1`` (or ``w1_a``) and its
+alpha written equal to its r, so that every release computes the same update.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ HELD_FIELDS = ("r", "alpha", "rank_dropout", "module_dropout", "rank_dropout_sca
 #: every field of PEFT 0.21.2's LoKrConfig besides PeftConfig's
 KNOWN_FIELDS = frozenset({*HELD_FIELDS, "modules_to_save"})
 _PATTERNS = (("r", "rank_pattern"), ("alpha", "alpha_pattern"))
+#: the first PEFT release whose LoKr scales by alpha / r (and whose configs hold rank_dropout_scale)
+SCALED_SINCE = "0.14.0"
 _FIX = "fix the value in adapter_config.json (PEFT itself could not load it)"
 
 
@@ -81,6 +90,10 @@ class LokrPeftCodec(Codec):
         config, file, config_file = context.config, context.tensors_file, context.config_file
         context.refuse_unknown_fields(KNOWN_FIELDS, "lokr")
         resolved = check_config(config, config_file)
+        unscaled = "rank_dropout_scale" not in config  # saved by PEFT < 0.14.0: no alpha / r in its LoKr
+        if unscaled:
+            said = (resolved["alpha"], resolved["r"], dict(resolved.get("alpha_pattern") or {}))
+            resolved = {**resolved, "alpha": resolved["r"], "alpha_pattern": dict(resolved.get("rank_pattern") or {})}
         raw = context.tensors
         check_tensor_dims(raw, file)
         modules: dict[str, dict[str, np.ndarray]] = {}
@@ -114,7 +127,14 @@ class LokrPeftCodec(Codec):
         method_config = dict(resolved)
         if config.get("target_modules") is None:
             method_config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in targets})
-        return context.adapter("lokr", LokrMethod().minimal_config(method_config), targets, tensors, dtypes.pop())
+        warnings = []
+        if unscaled and (said[0] != said[1] or said[2]):
+            warnings.append(f"{config_file} $.rank_dropout_scale: the config lacks rank_dropout_scale, so PEFT before "
+                            f"{SCALED_SINCE} saved it, whose LoKr applies no alpha / r: read with scale 1 (alpha = r), "
+                            "as that PEFT computes. If a later PEFT wrote it, add \"rank_dropout_scale\": false to "
+                            "the config to read its alphas")
+        return context.adapter("lokr", LokrMethod().minimal_config(method_config), targets, tensors, dtypes.pop(),
+                               warnings=warnings)
 
     def _target(self, context: Any, module: str, own: Mapping[str, np.ndarray], config: Mapping[str, Any],
                 file: str) -> dict[str, Any]:
@@ -163,12 +183,14 @@ class LokrPeftCodec(Codec):
 
     def write(self, adapter: Adapter, context: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         config = {**DEFAULTS, **adapter.config}
-        targets = adapter.targets
+        targets, own = adapter.targets, adapter.tensors
+        if context.release is not None and context.release.before(SCALED_SINCE):
+            targets, own = _unscaled(targets, own)
         modules = sorted(targets)
         tensors = {}
         for module in modules:
             for param in tensor_shapes(targets[module]):
-                tensors[context.key(module, PREFIX + param)] = adapter.tensors[canonical_key(module, "lokr", param)]
+                tensors[context.key(module, PREFIX + param)] = own[canonical_key(module, "lokr", param)]
         fields = {
             **context.selection(modules, wanted=config.get("target_modules"), layers=config.get("layers_to_transform")),
             **_ranks(targets, context),
@@ -180,6 +202,21 @@ class LokrPeftCodec(Codec):
         if "auto_mapping" not in context.original:
             fields["auto_mapping"] = None
         return fields, tensors
+
+
+def _unscaled(targets: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, np.ndarray]
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """The same updates with each module's alpha / r folded into w1 (or w1_a) and alpha = r: what a PEFT release
+    that applies no scale (before 0.14.0) and one that does both compute as the adapter's update."""
+    out_targets, out_tensors = {}, dict(tensors)
+    for module, target in targets.items():
+        out_targets[module] = {**target, "alpha": target["r"]}
+        scale = float(target["alpha"]) / float(target["r"])
+        if scale != 1.0:
+            key = canonical_key(module, "lokr", "w1" if target["w1_full"] else "w1_a")
+            value = np.asarray(tensors[key])
+            out_tensors[key] = (value.astype(np.float64) * scale).astype(value.dtype)
+    return out_targets, out_tensors
 
 
 def _describe(layout: Mapping[str, Any]) -> str:

@@ -148,12 +148,19 @@ class OftPeftCodec(Codec):
         return None
 
     def write(self, adapter: Adapter, context: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        release = getattr(context, "release", None)
-        if release is not None and _older(getattr(release, "version", None), (0, 16)):
-            raise LossyConversionError(f"PEFT {release.version} stores OFT in another layout (oft_r); this codec "
-                                       "writes PEFT >= 0.16's oft_R.weight", location="peft_version",
-                                       code="peft_version")
+        release = context.release
         config = {**DEFAULTS, **adapter.config}
+        if release is not None and release.before("0.16.0"):
+            raise LossyConversionError(f"{release.label} cannot hold this adapter: it stores OFT in another layout "
+                                       "(oft_r); this codec writes the oft_R.weight of PEFT 0.16.0 and later",
+                                       location="$.peft_type", found="OFT", code="peft_version",
+                                       hint="write for PEFT 0.16.0 or later (--peft-version 0.16.0)")
+        if release is not None and release.before("0.18.0") and config["use_cayley_neumann"]:
+            raise LossyConversionError(f"{release.label} cannot hold this adapter: its Cayley-Neumann series "
+                                       "(use_cayley_neumann) is another one; the series this adapter was made with "
+                                       "came with PEFT 0.18.0", location="$.use_cayley_neumann", found=True,
+                                       code="peft_version", hint="write for PEFT 0.18.0 or later (--peft-version "
+                                       "0.18.0); an adapter trained with use_cayley_neumann=false writes for 0.16.0")
         modules = sorted(adapter.targets)
         tensors = {context.key(m, LEAF): np.asarray(adapter.tensors[f"{m}.oft.{PARAM}"]) for m in modules}
         selection = context.selection(modules, wanted=adapter.config.get("target_modules"),
