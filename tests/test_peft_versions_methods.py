@@ -1,5 +1,6 @@
 """``convert --to peft --peft-version X`` for the method packages (LoHa, LoKr, VeRA, AdaLoRA, OFT, BOFT), and
-folders those releases made, judged by the real PEFT 0.14.0 and 0.9.0 (tests/peft_peer/peer.py).
+folders those releases made (LoRA and DoRA too), judged by the real PEFT 0.14.0 and 0.9.0
+(tests/peft_peer/peer.py).
 
 What changed between releases beyond config fields (found by loading in every release from 0.6.0 to 0.21.1
 but 0.16 / 0.17, which do not import under transformers 5; docs/methods.md):
@@ -49,8 +50,12 @@ MADE = {
     "vera": ("VERA", {"r": 8, "target_modules": ["q_proj", "o_proj"]}),  # one shape: what 0.11 takes
     "boft": ("BOFT", {"boft_block_size": 4, "target_modules": TARGETS}),
     "oft": ("OFT", {"r": 4, "target_modules": TARGETS}),
+    # the built-in methods, for the same check of the reader
+    "lora": ("LORA", {"r": 4, "lora_alpha": 16, "use_rslora": True, "rank_pattern": {"down_proj": 8},
+                      "target_modules": TARGETS}),
+    "dora": ("LORA", {"r": 4, "lora_alpha": 16, "use_dora": True, "target_modules": TARGETS}),
 }
-MADE_IN = {"0.9.0": ("loha", "lokr", "adalora", "oft"), "0.14.0": tuple(MADE)}
+MADE_IN = {"0.9.0": ("loha", "lokr", "adalora", "oft", "lora", "dora"), "0.14.0": tuple(MADE)}
 
 
 def _installed(method: str) -> bool:
