@@ -93,8 +93,8 @@ def validate(
         report.method = adapter.method
         report.checks.append(f"{report.format} files and config")
         report.not_checked.extend(fmt.checks(path))
-        for warning in adapter.warnings:
-            report.warn(AdapterkitError(warning, file=str(path)))
+        for warning in adapter.warnings:  # one that names its own file (a config inside the folder) keeps it alone
+            report.warn(AdapterkitError(warning, file=None if warning.startswith(str(path)) else str(path)))
         check_tensors(adapter, registry, report, file=str(path))
         report.adapter = adapter
     if base is not None and report.adapter is not None:
