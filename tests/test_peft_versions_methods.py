@@ -2,8 +2,8 @@
 folders those releases made (LoRA and DoRA too), judged by the real PEFT 0.14.0 and 0.9.0
 (tests/peft_peer/peer.py).
 
-What changed between releases beyond config fields (found by loading in every release from 0.6.0 to 0.21.1
-but 0.16 / 0.17, which do not import under transformers 5; docs/methods.md):
+What changed between releases beyond config fields (found by loading in 23 releases from 0.6.0 to 0.21.1,
+every minor one but 0.16 / 0.17, which do not import under transformers 5; docs/methods.md):
 - LoKr applied no alpha / r before 0.14.0: written for those, each module's scale is folded into w1 and
   alpha written as r; a config without ``rank_dropout_scale`` (0.14.0's field) reads with scale 1.
 - VeRA before 0.12.0 takes one shape for every target; VeRA and BOFT came with 0.11.0.
