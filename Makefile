@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml constraints.txt constraints-adapterhub.txt constraints-
 	rm -rf .venv-peft
 	$(PY) -m pip install -q --no-deps --target .venv-peft/0.14.0 peft==0.14.0
 	$(PY) -m pip install -q --no-deps --target .venv-peft/0.9.0 peft==0.9.0
+	# PEFT 0.17.1 needs transformers 4 (HybridCache): run from the AdapterHub venv (transformers 4.57.6), accelerate beside it.
+	$(PY) -m pip install -q --no-deps --target .venv-peft/0.17.1 peft==0.17.1 accelerate==1.15.0
 	# torchtune 0.6.1 needs torchao, which transformers imports whenever it is installed: its own venv, driven by the tests.
 	$(PYTHON) -m venv .venv-torchtune
 	.venv-torchtune/bin/pip install -q torch==2.13.0

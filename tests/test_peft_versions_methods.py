@@ -2,8 +2,8 @@
 folders those releases made (LoRA and DoRA too), judged by the real PEFT 0.14.0 and 0.9.0
 (tests/peft_peer/peer.py).
 
-What changed between releases beyond config fields (found by loading in 23 releases from 0.6.0 to 0.21.1,
-every minor one but 0.16 / 0.17, which do not import under transformers 5; docs/methods.md):
+What changed between releases beyond config fields (found by loading in 26 releases from 0.6.0 to 0.21.1,
+every minor one; 0.16 / 0.17 need transformers 4 and run from the AdapterHub venv; docs/methods.md):
 - LoKr applied no alpha / r before 0.14.0: written for those, each module's scale is folded into w1 and
   alpha written as r; a config without ``rank_dropout_scale`` (0.14.0's field) reads with scale 1.
 - VeRA before 0.12.0 takes one shape for every target; VeRA and BOFT came with 0.11.0.
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import adapterkit
+from helpers import REPO
 from test_peft_versions import PEER, PEER_RELEASES, config_of, convert, peer_dir, refused
 
 ATOL = 1e-5
@@ -56,16 +57,19 @@ MADE = {
     "dora": ("LORA", {"r": 4, "lora_alpha": 16, "use_dora": True, "target_modules": TARGETS}),
 }
 MADE_IN = {"0.9.0": ("loha", "lokr", "adalora", "oft", "lora", "dora"), "0.14.0": tuple(MADE)}
+#: a release that imports transformers 4's HybridCache: judged from the AdapterHub venv (transformers 4.57.6)
+T4_RELEASE = "0.17.1"
+T4_PYTHON = REPO / ".venv-adapterhub" / "bin" / "python"
 
 
 def _installed(method: str) -> bool:
     return method in adapterkit.default_registry().methods
 
 
-def _peer(version: str, jobs: list[dict], root: Path) -> list[dict]:
+def _peer(version: str, jobs: list[dict], root: Path, python: Path | str = sys.executable) -> list[dict]:
     (root / f"jobs-{version}-{len(jobs)}.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(peer_dir(version)), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(PEER), str(root / f"jobs-{version}-{len(jobs)}.json")],
+    result = subprocess.run([str(python), str(PEER), str(root / f"jobs-{version}-{len(jobs)}.json")],
                             capture_output=True, text=True, timeout=600, env=env)
     if result.returncode != 0:
         pytest.fail(f"the PEFT {version} peer failed:\n{result.stderr[-4000:]}", pytrace=False)
@@ -191,8 +195,8 @@ def test_an_old_lokr_read_with_the_scale_would_be_wrong(judged, tmp_path):
 
 
 def test_oft_for_0_16_and_0_17_needs_the_exact_cayley(tmp_path, tiny_base_dirs):
-    """0.16 / 0.17 do not import under transformers 5 (not judged here): their OFT is the same up to the
-    Cayley-Neumann series, which 0.18.0 changed (source compared), so only an exact-Cayley adapter is written."""
+    """Their OFT is the same up to the Cayley-Neumann series, which 0.18.0 changed, so only an exact-Cayley
+    adapter is written (PEFT 0.17.1 judges it below)."""
     if not _installed("oft"):
         pytest.skip("the oft package is not installed")
     from adapterkit.testing import TINY_MODELS, perturb
@@ -267,3 +271,45 @@ def test_a_pruned_adalora_loads_in_every_release_without_a_warning(tmp_path, tin
         report = _peer(version, [job], tmp_path)[0]
         assert "error" not in report and report["warnings"] == [], report
         assert float(np.abs(np.load(job["logits"]) - theirs).max()) <= ATOL
+
+
+def test_peft_0_17_under_transformers_4_loads_what_we_write_for_it(tmp_path, tiny_base_dirs):
+    """PEFT 0.17.1 (which transformers 5 cannot import) loads every type written for it with our logits, OFT with
+    the exact Cayley included; the control: a Cayley-Neumann OFT (0.18's series) is another model in 0.17.1."""
+    if not (peer_dir(T4_RELEASE) / "peft" / "__init__.py").is_file() or not T4_PYTHON.is_file():
+        pytest.fail(f"PEFT {T4_RELEASE} or the AdapterHub venv is missing: run `make install`", pytrace=False)
+    from adapterkit.testing import TINY_MODELS, perturb, sample_inputs
+
+    base = tiny_base_dirs["llama"]
+    ids = sample_inputs()["input_ids"]
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    cases = {m: c for m, c in METHODS.items() if _installed(m)}
+    cases["lora"] = {"target_modules": TARGETS, "r": 4, "alpha": 16, "use_rslora": True}
+    if _installed("oft"):
+        cases["oft"] = {**METHODS["oft"], "use_cayley_neumann": False}
+        cases["oft_neumann"] = METHODS["oft"]
+    jobs, ours = [], {}
+    for seed, (case, config) in enumerate(cases.items()):
+        handle = adapterkit.inject(TINY_MODELS["llama"](0), case.removesuffix("_neumann"), config)
+        perturb(handle.parameters(), seed=seed, scale=0.2)
+        source = adapterkit.save(handle.to_adapter(), tmp_path / "src" / case)
+        ours[case] = _logits(adapterkit.load(source), ids)
+        out = tmp_path / case
+        version = "0.18.0" if case == "oft_neumann" else T4_RELEASE
+        result = convert(source, out, "--to", "peft", "--peft-version", version, "--base", base)
+        assert result.exit_code == 0, (case, result.stderr)
+        if case == "oft_neumann":  # as a 0.17 config: without 0.18's peft_version field
+            config_written = config_of(out)
+            del config_written["peft_version"]
+            (out / "adapter_config.json").write_text(json.dumps(config_written))
+        jobs.append({"model": str(base), "adapter": str(out), "inputs": str(tmp_path / "ids.npy"),
+                     "logits": str(out) + ".npy", "case": case})
+    for job, report in zip(jobs, _peer(T4_RELEASE, jobs, tmp_path, python=T4_PYTHON)):
+        assert report["peft"] == T4_RELEASE and "error" not in report, report
+        assert report["unknown_keys"] == [] and report["warnings"] == [], report
+        diff = float(np.abs(np.load(job["logits"]) - ours[job["case"]]).max())
+        print(f"PEFT {T4_RELEASE} (transformers 4) loads our {job['case']}: max |logit diff| {diff:.3g}")
+        if job["case"] == "oft_neumann":
+            assert diff > 1e-3, diff
+        else:
+            assert diff <= ATOL, (job["case"], diff)
