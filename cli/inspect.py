@@ -47,6 +47,7 @@ def command(path: str, base: str | None, format_: str | None, format_option: tup
     if "parameters_relative_to_base" in summary:
         rows.append(("vs base", f"{100 * summary['parameters_relative_to_base']:.3f}% of "
                                 f"{human_count(summary['base_parameters'])} base parameters"))
+    rows.extend(("warning", text) for text in summary.get("warnings", ()))
     _echo_rows(rows)
 
 

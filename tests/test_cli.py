@@ -344,3 +344,17 @@ def test_convert_passes_base_only_to_the_formats_that_take_one(tmp_path):
     assert convert(source, tmp_path / "mlx", "mlx", base=base).is_dir()
     with pytest.raises(adapterkit.UsageError, match="option 'bogus' is taken by neither"):
         convert(source, tmp_path / "bad", "adapterkit", base=base, bogus=1)
+
+
+def test_inspect_shows_what_the_reader_had_to_decide(tmp_path, folder):
+    """A reader's warning (here: a PEFT LoRA initialised by PiSSA, relative to a changed base) is in the summary."""
+    from helpers import make_lora_adapter
+
+    peft_folder = adapterkit.save(make_lora_adapter(), tmp_path / "peft", "peft")
+    config = json.loads((peft_folder / "adapter_config.json").read_text())
+    (peft_folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    rows = [line for line in invoke("inspect", peft_folder).stdout.splitlines() if line.startswith("warning")]
+    assert len(rows) == 1 and "'pissa' initialisation changes the base weights" in rows[0], rows
+    assert "pissa" in json.loads(invoke("inspect", "--json", peft_folder).stdout)["warnings"][0]
+    assert "warnings" not in json.loads(invoke("inspect", "--json", folder).stdout)
+    assert "warning" not in invoke("inspect", folder).stdout

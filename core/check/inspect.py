@@ -60,6 +60,8 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     if base_params:
         summary["base_parameters"] = base_params
         summary["parameters_relative_to_base"] = adapter.num_parameters / base_params
+    if adapter.warnings:  # what the reader had to decide (e.g. how an old release's file is meant)
+        summary["warnings"] = list(adapter.warnings)
     if manifest.provenance:
         summary["provenance"] = {k: v for k, v in manifest.provenance.items() if k != "converted_from"}
         if "converted_from" in manifest.provenance:
