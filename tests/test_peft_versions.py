@@ -35,6 +35,20 @@ def peer_dir(version: str) -> Path:
     return REPO / ".venv-peft" / version
 
 
+def run_peer(version: str, jobs: list[dict], root: Path, python: Path | str = sys.executable) -> list[dict]:
+    """tests/peft_peer/peer.py's report of each job, run by ``python`` with PEFT ``version`` first on the path."""
+    file = root / f"jobs-{version}-{len(list(root.glob('jobs-*.json')))}.json"
+    file.write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": str(peer_dir(version)), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([str(python), str(PEER), str(file)], capture_output=True, text=True, timeout=600,
+                            cwd=REPO, env=env)
+    if result.returncode != 0:
+        pytest.fail(f"the PEFT {version} peer failed:\n{result.stderr[-4000:]}", pytrace=False)
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == len(jobs), result.stdout[-2000:]
+    return reports
+
+
 def convert(*args: object) -> object:
     result = CliRunner().invoke(cli, ["convert", *map(str, args)])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -350,13 +364,7 @@ def old_peft(tmp_path_factory, tiny_base_dirs):
             assert convert(sources["patterns_rslora"], out, "--to", "peft").exit_code == 0
             jobs.append({"case": "unfiltered", "model": str(base), "adapter": str(out), "inputs": str(root / "ids.npy"),
                          "logits": str(root / version / "unfiltered.npy")})
-        (root / f"jobs-{version}.json").write_text(json.dumps(jobs))
-        env = {**os.environ, "PYTHONPATH": str(peer_dir(version)), "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run([sys.executable, str(PEER), str(root / f"jobs-{version}.json")], capture_output=True,
-                                text=True, timeout=600, cwd=REPO, env=env)
-        if result.returncode != 0:
-            pytest.fail(f"the PEFT {version} peer failed:\n{result.stderr[-4000:]}", pytrace=False)
-        reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        reports = run_peer(version, jobs, root)
         runs[version] = {job["case"]: (report, Path(job["logits"])) for job, report in zip(jobs, reports)}
     return {"runs": runs, "ours": ours, "expected": expected}
 

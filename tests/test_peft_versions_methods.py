@@ -13,9 +13,6 @@ every minor one; 0.16 / 0.17 need transformers 4 and run from the AdapterHub ven
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import pytest
 
 import adapterkit
 from helpers import REPO
-from test_peft_versions import PEER, PEER_RELEASES, config_of, convert, peer_dir, refused
+from test_peft_versions import PEER_RELEASES, config_of, convert, peer_dir, refused, run_peer
 
 ATOL = 1e-5
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -64,18 +61,6 @@ T4_PYTHON = REPO / ".venv-adapterhub" / "bin" / "python"
 
 def _installed(method: str) -> bool:
     return method in adapterkit.default_registry().methods
-
-
-def _peer(version: str, jobs: list[dict], root: Path, python: Path | str = sys.executable) -> list[dict]:
-    (root / f"jobs-{version}-{len(jobs)}.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "PYTHONPATH": str(peer_dir(version)), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([str(python), str(PEER), str(root / f"jobs-{version}-{len(jobs)}.json")],
-                            capture_output=True, text=True, timeout=600, env=env)
-    if result.returncode != 0:
-        pytest.fail(f"the PEFT {version} peer failed:\n{result.stderr[-4000:]}", pytrace=False)
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == len(jobs), result.stdout[-2000:]
-    return reports
 
 
 def _logits(adapter: adapterkit.Adapter, ids) -> np.ndarray:
@@ -124,7 +109,7 @@ def judged(tmp_path_factory, tiny_base_dirs):
                       "adapter": str(root / version / "made" / m), "inputs": str(root / "ids.npy"),
                       "logits": str(root / version / "made" / m) + ".npy", "method": m}
                      for m in MADE_IN[version] if _installed(m)]
-        for job, report in zip(jobs + made_jobs, _peer(version, jobs + made_jobs, root)):
+        for job, report in zip(jobs + made_jobs, run_peer(version, jobs + made_jobs, root)):
             if "make" in job:
                 made[job["method"], version] = (report, Path(job["adapter"]), Path(job["logits"]))
             else:
@@ -268,7 +253,7 @@ def test_a_pruned_adalora_loads_in_every_release_without_a_warning(tmp_path, tin
         assert (len(kept) == len(config_of(source)["rank_pattern"])) == (version != "0.9.0"), kept
         job = {"model": str(base), "adapter": str(out), "inputs": str(tmp_path / "ids.npy"),
                "logits": str(out) + ".npy"}
-        report = _peer(version, [job], tmp_path)[0]
+        report = run_peer(version, [job], tmp_path)[0]
         assert "error" not in report and report["warnings"] == [], report
         assert float(np.abs(np.load(job["logits"]) - theirs).max()) <= ATOL
 
@@ -304,7 +289,7 @@ def test_peft_0_17_under_transformers_4_loads_what_we_write_for_it(tmp_path, tin
             (out / "adapter_config.json").write_text(json.dumps(config_written))
         jobs.append({"model": str(base), "adapter": str(out), "inputs": str(tmp_path / "ids.npy"),
                      "logits": str(out) + ".npy", "case": case})
-    for job, report in zip(jobs, _peer(T4_RELEASE, jobs, tmp_path, python=T4_PYTHON)):
+    for job, report in zip(jobs, run_peer(T4_RELEASE, jobs, tmp_path, python=T4_PYTHON)):
         assert report["peft"] == T4_RELEASE and "error" not in report, report
         assert report["unknown_keys"] == [] and report["warnings"] == [], report
         diff = float(np.abs(np.load(job["logits"]) - ours[job["case"]]).max())
@@ -313,3 +298,12 @@ def test_peft_0_17_under_transformers_4_loads_what_we_write_for_it(tmp_path, tin
             assert diff > 1e-3, diff
         else:
             assert diff <= ATOL, (job["case"], diff)
+
+
+def test_vera_of_several_shapes_for_a_release_before_0_12_is_refused(judged, tmp_path):
+    """PEFT 0.11 raises on VeRA targets of different shapes (q_proj 32->32, v_proj 32->16 here)."""
+    if not _installed("vera"):
+        pytest.skip("the vera package is not installed")
+    source = judged["root"] / "src" / "vera"
+    refused(convert(source, tmp_path / "v", "--to", "peft", "--peft-version", "0.11.1"), "$.targets", "0.12.0")
+    assert not (tmp_path / "v").exists()

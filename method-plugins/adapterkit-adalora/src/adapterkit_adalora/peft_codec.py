@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit import Adapter, BaseModelError, Codec, FormatError, LossyConversionError, UsageError
+from adapterkit import (
+    Adapter, BaseModelError, Codec, FormatError, LossyConversionError, UsageError, in_out_features,
+)
 
 from .method import DEFAULTS, KINDS, check_config, pattern_key
 
@@ -213,8 +215,8 @@ class AdaLoraPeftCodec(Codec):
         if pruned and context.base is not None:
             dtype = np.asarray(next(iter(tensors.values()))).dtype
             for module in pruned:
-                shape = context.base_module(module, kinds=KINDS).shape
-                fan_in, fan_out = (shape[0], shape[1]) if conv1d else (shape[1], shape[0])
+                fan_in, fan_out = in_out_features("conv1d" if conv1d else "linear",
+                                                  context.base_module(module, kinds=KINDS).shape)
                 for leaf, empty in (("A", (0, fan_in)), ("E", (0, 1)), ("B", (fan_out, 0))):
                     tensors[context.key(module, LEAVES[leaf])] = np.zeros(empty, dtype=dtype)
         fields: dict[str, Any] = {

@@ -40,6 +40,7 @@ from .method import DEFAULTS, block_problem, butterfly_perms
 LEAVES = {"R": "boft_R", "s": "boft_s"}
 #: the butterfly permutations PEFT 0.11 / 0.12 saved beside them (checked, not kept)
 PERMUTATION = "boft_P"
+_READ_LEAVES = {**LEAVES, "P": PERMUTATION}
 #: every field of PEFT 0.21.2's BOFTConfig besides PeftConfig's
 KNOWN_FIELDS = frozenset({"boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules",
                           "exclude_modules", "boft_dropout", "fan_in_fan_out", "bias", "modules_to_save",
@@ -69,7 +70,7 @@ class BoftPeftCodec(Codec):
         found: dict[str, dict[str, np.ndarray]] = {}
         other = []
         for key, value in raw.items():
-            for param, leaf in {**LEAVES, "P": PERMUTATION}.items():
+            for param, leaf in _READ_LEAVES.items():
                 module = context.module_of(key, leaf)
                 if module is not None:
                     found.setdefault(module, {})[param] = value

@@ -151,16 +151,12 @@ class OftPeftCodec(Codec):
         release = context.release
         config = {**DEFAULTS, **adapter.config}
         if release is not None and release.before("0.16.0"):
-            raise LossyConversionError(f"{release.label} cannot hold this adapter: it stores OFT in another layout "
-                                       "(oft_r); this codec writes the oft_R.weight of PEFT 0.16.0 and later",
-                                       location="$.peft_type", found="OFT", code="peft_version",
-                                       hint="write for PEFT 0.16.0 or later (--peft-version 0.16.0)")
+            raise release.refusal("peft_type", "OFT", "0.16.0", what="OFT's oft_R.weight layout (it stores OFT in "
+                                  "another layout (oft_r))")
         if release is not None and release.before("0.18.0") and config["use_cayley_neumann"]:
-            raise LossyConversionError(f"{release.label} cannot hold this adapter: its Cayley-Neumann series "
-                                       "(use_cayley_neumann) is another one; the series this adapter was made with "
-                                       "came with PEFT 0.18.0", location="$.use_cayley_neumann", found=True,
-                                       code="peft_version", hint="write for PEFT 0.18.0 or later (--peft-version "
-                                       "0.18.0); an adapter trained with use_cayley_neumann=false writes for 0.16.0")
+            raise release.refusal("use_cayley_neumann", True, "0.18.0", what="the Cayley-Neumann series "
+                                  "(use_cayley_neumann) of this adapter (its own series differs; an exact-Cayley "
+                                  "adapter, use_cayley_neumann=false, writes for 0.16.0)")
         modules = sorted(adapter.targets)
         tensors = {context.key(m, LEAF): np.asarray(adapter.tensors[f"{m}.oft.{PARAM}"]) for m in modules}
         selection = context.selection(modules, wanted=adapter.config.get("target_modules"),

@@ -189,11 +189,8 @@ class VeraPeftCodec(Codec):
         release = context.release
         shapes = {tuple(in_out_features(t.get("kind", "linear"), t["shape"])) for t in targets.values()}
         if release is not None and release.before("0.12.0") and len(shapes) > 1:
-            raise LossyConversionError(f"{release.label} cannot hold this adapter: its VeRA needs one shape for every "
-                                       f"target (modules of other shapes came with PEFT 0.12.0)", location="$.targets",
-                                       found=sorted(f"{i}->{o}" for i, o in shapes),
-                                       hint="write for PEFT 0.12.0 or later (--peft-version 0.12.0)",
-                                       code="peft_version")
+            raise release.refusal("targets", sorted(f"{i}->{o}" for i, o in shapes), "0.12.0",
+                                  what="VeRA on modules of several shapes (its VeRA needs one shape for every target)")
         tensors: dict[str, np.ndarray] = {}
         for module in modules:
             tensors[context.key(module, "vera_lambda_b")] = np.asarray(adapter.tensors[f"{module}.vera.{LAMBDA_B}"])
