@@ -29,6 +29,17 @@ from adapterkit.core.plugin.registry import Registry, get_plugin_manager
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
+
+def require_methods(*names: str) -> None:
+    """Fail, not skip, when a method plugin a test needs is missing: `make install` installs every one (the
+    examples/ and method-plugins/ packages), so a skip would only hide a broken install."""
+    import pytest
+
+    missing = sorted(set(names) - set(adapterkit.default_registry().methods))
+    if missing:
+        pytest.fail(f"method plugins {missing} are not installed; run `make install` (it installs examples/ and "
+                    "method-plugins/)", pytrace=False)
+
 NUMPY_DTYPES = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),

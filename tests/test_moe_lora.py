@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import adapterkit  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+import adapterkit
 
 COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)

@@ -24,7 +24,7 @@ import adapterkit
 from adapterkit.cli.main import cli
 from adapterkit.core.errors import LossyConversionError, UsageError
 from adapterkit.plugins.peft import releases
-from helpers import REPO, llama_targets, make_lora_adapter
+from helpers import REPO, llama_targets, make_lora_adapter, require_methods
 
 ATOL = 1e-5
 PEER = REPO / "tests" / "peft_peer" / "peer.py"
@@ -161,7 +161,6 @@ def test_the_library_option_is_the_same(tmp_path):
 # ---- refusals: exit 1, one line, nothing written ----------------------------------------------
 
 def test_a_dora_adapter_for_peft_0_8_is_refused(tmp_path):
-    torch = pytest.importorskip("torch")  # noqa: F841 - DoRA adapters are made by injecting
     from adapterkit.testing import TINY_MODELS, perturb
 
     handle = adapterkit.inject(TINY_MODELS["llama"](0), "dora", {"r": 2, "target_modules": ["q_proj", "v_proj"]})
@@ -202,9 +201,7 @@ def test_a_task_type_the_release_lacks_is_refused(tmp_path):
     ("prefix", {"num_virtual_tokens": 2}, "0.3.0"),
 ])
 def test_the_other_peft_types_get_their_releases_fields(method, config, oldest, tmp_path, tiny_base_dirs):
-    if method not in adapterkit.default_registry().methods:
-        pytest.skip(f"the {method} plugin is not installed")
-    pytest.importorskip("torch")
+    require_methods(method)
     from adapterkit.testing import TINY_MODELS, perturb
 
     handle = adapterkit.inject(TINY_MODELS["llama"](0), method, config)

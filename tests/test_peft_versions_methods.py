@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import adapterkit
-from helpers import REPO
+from helpers import REPO, require_methods
 from test_peft_versions import PEER_RELEASES, config_of, convert, peer_dir, refused, run_peer
 
 ATOL = 1e-5
@@ -59,8 +59,9 @@ T4_RELEASE = "0.17.1"
 T4_PYTHON = REPO / ".venv-adapterhub" / "bin" / "python"
 
 
-def _installed(method: str) -> bool:
-    return method in adapterkit.default_registry().methods
+@pytest.fixture(autouse=True, scope="module")
+def _every_method_package():
+    require_methods(*METHODS)
 
 
 def _logits(adapter: adapterkit.Adapter, ids) -> np.ndarray:
@@ -88,8 +89,6 @@ def judged(tmp_path_factory, tiny_base_dirs):
     np.save(root / "ids.npy", ids.numpy())
     sources, ours = {}, {}
     for seed, (method, config) in enumerate(METHODS.items()):
-        if not _installed(method):
-            continue
         handle = adapterkit.inject(TINY_MODELS["llama"](0), method, config)
         perturb(handle.parameters(), seed=seed, scale=0.2)
         sources[method] = adapterkit.save(handle.to_adapter(), root / "src" / method)
@@ -108,7 +107,7 @@ def judged(tmp_path_factory, tiny_base_dirs):
         made_jobs = [{"make": {"peft_type": MADE[m][0], "config": MADE[m][1], "seed": 7}, "model": str(base),
                       "adapter": str(root / version / "made" / m), "inputs": str(root / "ids.npy"),
                       "logits": str(root / version / "made" / m) + ".npy", "method": m}
-                     for m in MADE_IN[version] if _installed(m)]
+                     for m in MADE_IN[version]]
         for job, report in zip(jobs + made_jobs, run_peer(version, jobs + made_jobs, root)):
             if "make" in job:
                 made[job["method"], version] = (report, Path(job["adapter"]), Path(job["logits"]))
@@ -120,8 +119,6 @@ def judged(tmp_path_factory, tiny_base_dirs):
 @pytest.mark.parametrize("version", PEER_RELEASES)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_release_loads_what_adapterkit_wrote_for_it_with_our_logits(judged, method, version):
-    if not _installed(method):
-        pytest.skip(f"the {method} package is not installed")
     entry = judged["written"][method, version]
     if (method, version) in REFUSED:
         refused(entry[0], REFUSED[method, version], f"PEFT {version}")
@@ -136,8 +133,6 @@ def test_a_release_loads_what_adapterkit_wrote_for_it_with_our_logits(judged, me
 
 
 def test_lokr_for_a_release_before_0_14_folds_the_scale_into_w1(judged):
-    if not _installed("lokr"):
-        pytest.skip("the lokr package is not installed")
     folder = judged["written"]["lokr", "0.9.0"][2].with_suffix("")
     config = config_of(folder)
     assert config["alpha"] == config["r"] and config.get("alpha_pattern") == config.get("rank_pattern")
@@ -148,8 +143,6 @@ def test_lokr_for_a_release_before_0_14_folds_the_scale_into_w1(judged):
 
 @pytest.mark.parametrize(("method", "version"), [(m, v) for v in PEER_RELEASES for m in MADE_IN[v]])
 def test_adapterkit_reads_what_a_release_made_with_its_logits(judged, method, version):
-    if not _installed(method):
-        pytest.skip(f"the {method} package is not installed")
     report, folder, logits = judged["made"][method, version]
     assert "error" not in report, report
     if method == "oft":  # OFT's layout before 0.16: refused, naming it (PEFT 0.21 refuses it too)
@@ -166,8 +159,6 @@ def test_adapterkit_reads_what_a_release_made_with_its_logits(judged, method, ve
 
 def test_an_old_lokr_read_with_the_scale_would_be_wrong(judged, tmp_path):
     """The control: PEFT 0.9.0's LoKr (alpha 16, r 4) read as a 0.14 folder is 4 times the update."""
-    if not _installed("lokr"):
-        pytest.skip("the lokr package is not installed")
     import shutil
 
     _, folder, logits = judged["made"]["lokr", "0.9.0"]
@@ -182,8 +173,6 @@ def test_an_old_lokr_read_with_the_scale_would_be_wrong(judged, tmp_path):
 def test_oft_for_0_16_and_0_17_needs_the_exact_cayley(tmp_path, tiny_base_dirs):
     """Their OFT is the same up to the Cayley-Neumann series, which 0.18.0 changed, so only an exact-Cayley
     adapter is written (PEFT 0.17.1 judges it below)."""
-    if not _installed("oft"):
-        pytest.skip("the oft package is not installed")
     from adapterkit.testing import TINY_MODELS, perturb
 
     for neumann in (True, False):
@@ -232,8 +221,6 @@ def _pruned_adalora(folder: Path, seed: int) -> Path:
 def test_a_pruned_adalora_loads_in_every_release_without_a_warning(tmp_path, tiny_base_dirs):
     """A module pruned to rank 0: PEFT 0.9.0 cannot resize to rank 0 (so it is left out, adding the same nothing);
     with the base its zero-sized tensors are written as PEFT writes them (no missing-key warning)."""
-    if not _installed("adalora"):
-        pytest.skip("the adalora package is not installed")
     import peft
     import torch
 
@@ -268,11 +255,10 @@ def test_peft_0_17_under_transformers_4_loads_what_we_write_for_it(tmp_path, tin
     base = tiny_base_dirs["llama"]
     ids = sample_inputs()["input_ids"]
     np.save(tmp_path / "ids.npy", ids.numpy())
-    cases = {m: c for m, c in METHODS.items() if _installed(m)}
+    cases = dict(METHODS)
     cases["lora"] = {"target_modules": TARGETS, "r": 4, "alpha": 16, "use_rslora": True}
-    if _installed("oft"):
-        cases["oft"] = {**METHODS["oft"], "use_cayley_neumann": False}
-        cases["oft_neumann"] = METHODS["oft"]
+    cases["oft"] = {**METHODS["oft"], "use_cayley_neumann": False}
+    cases["oft_neumann"] = METHODS["oft"]
     jobs, ours = [], {}
     for seed, (case, config) in enumerate(cases.items()):
         handle = adapterkit.inject(TINY_MODELS["llama"](0), case.removesuffix("_neumann"), config)
@@ -302,8 +288,6 @@ def test_peft_0_17_under_transformers_4_loads_what_we_write_for_it(tmp_path, tin
 
 def test_vera_of_several_shapes_for_a_release_before_0_12_is_refused(judged, tmp_path):
     """PEFT 0.11 raises on VeRA targets of different shapes (q_proj 32->32, v_proj 32->16 here)."""
-    if not _installed("vera"):
-        pytest.skip("the vera package is not installed")
     source = judged["root"] / "src" / "vera"
     refused(convert(source, tmp_path / "v", "--to", "peft", "--peft-version", "0.11.1"), "$.targets", "0.12.0")
     assert not (tmp_path / "v").exists()

@@ -19,6 +19,7 @@ from adapterkit.core.check.targets.vllm import MAX_RANKS as VLLM_MAX_RANKS
 from adapterkit.core.errors import AdapterkitError, UsageError
 from adapterkit.core.plugin.registry import default_registry
 from adapterkit.testing import perturb
+from helpers import require_methods
 from models import BUILDERS, sample_inputs
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -158,8 +159,7 @@ def test_vllm_target_rounds_ranks_up_and_passes_its_rules(tiny_base_dirs):
 
 
 def test_ia3_lowers_with_its_base(tiny_base_dirs):
-    if "ia3" not in default_registry().methods:
-        pytest.skip("the adapterkit-ia3 example plugin is not installed")
+    require_methods("ia3")
     model = BUILDERS["llama"]()
     handle = adapterkit.inject(model, "ia3", target_modules=["k_proj", "v_proj", "down_proj"],
                                feedforward_modules=["down_proj"])
@@ -170,8 +170,7 @@ def test_ia3_lowers_with_its_base(tiny_base_dirs):
 
 
 def test_ia3_changing_a_bias_is_refused(tmp_path):
-    if "ia3" not in default_registry().methods:
-        pytest.skip("the adapterkit-ia3 example plugin is not installed")
+    require_methods("ia3")
     base = BUILDERS["gpt2"]()
     with torch.no_grad():
         for module in base.modules():
