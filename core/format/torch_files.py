@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
 _LEGACY_PICKLES = 5  # magic number, protocol version, sys info, the object, the storage keys
 _HINT = "save the adapter again (torch.save, or better safetensors)"
-_UNSAFE_HINT = ("if you trust the file, re-save its tensors as safetensors in a sandbox "
-                "(torch.load(..., weights_only=False), then safetensors.torch.save_file) and read that instead")
+_UNSAFE_HINT = ("ask whoever made it for the adapter as safetensors; if you trust the file, convert its tensors to "
+                "safetensors in a sandbox (a throwaway container without credentials or network) and read that instead")
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
